@@ -1,0 +1,62 @@
+"""Input checks shared by the model servers; each failure names the problem (INVALID_ARGUMENT)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.common.engine import EngineMeta, SamplingSpec
+from topd_client.errors import InvalidInputError
+from topd_client.tensors import from_wire
+from topd_client.wire.topd.v1 import common_pb2
+
+MAX_SAMPLES_PER_PROMPT = 64
+
+
+def token_ids(tensor: common_pb2.Tensor, what: str, meta: EngineMeta, allow_empty: bool = False) -> np.ndarray:
+    """A 1-D int tensor of ids inside the vocabulary and within the model's length."""
+    arr = from_wire(tensor, what)
+    if tensor.dtype not in ("int32", "int64"):
+        raise InvalidInputError(f"{what}: token ids must be int32 or int64, got {tensor.dtype}")
+    if arr.ndim != 1:
+        raise InvalidInputError(f"{what}: token ids must be 1-D, got shape {list(arr.shape)}")
+    if arr.size == 0 and not allow_empty:
+        raise InvalidInputError(f"{what}: empty sequence")
+    if arr.size:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= meta.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidInputError(f"{what}: token id {bad} outside the vocabulary [0, {meta.vocab_size})")
+    if arr.size > meta.max_seq_len:
+        raise InvalidInputError(f"{what}: length {arr.size} over the max sequence length {meta.max_seq_len}")
+    return arr.astype(np.int32, copy=False)
+
+
+def top_k(k: int, limit: int) -> int:
+    if k < 0 or k > limit:
+        raise InvalidInputError(f"top_k {k} outside [0, {limit}] (the server's max_top_k is {limit})")
+    return k
+
+
+def sampling_spec(p: common_pb2.SamplingParams, meta: EngineMeta, max_top_k: int,
+                  longest_prompt: int) -> SamplingSpec:
+    """Defaults: n=1, temperature 1, top_p 1; checks that prompt + max_tokens fits the model."""
+    n = p.n or 1
+    if not 1 <= n <= MAX_SAMPLES_PER_PROMPT:
+        raise InvalidInputError(f"n {n} outside [1, {MAX_SAMPLES_PER_PROMPT}]")
+    temperature = p.temperature if p.HasField("temperature") else 1.0
+    if temperature < 0 or not np.isfinite(temperature):
+        raise InvalidInputError(f"temperature {temperature} must be >= 0 (0 = greedy)")
+    top_p = p.top_p if p.HasField("top_p") else 1.0
+    if not 0 < top_p <= 1:
+        raise InvalidInputError(f"top_p {top_p} outside (0, 1]")
+    if p.max_tokens <= 0:
+        raise InvalidInputError(f"max_tokens must be positive, got {p.max_tokens}")
+    if longest_prompt + p.max_tokens > meta.max_seq_len:
+        raise InvalidInputError(f"prompt length {longest_prompt} + max_tokens {p.max_tokens} over the max "
+                                f"sequence length {meta.max_seq_len}")
+    for t in p.stop_token_ids:
+        if not 0 <= t < meta.vocab_size:
+            raise InvalidInputError(f"stop token id {t} outside the vocabulary [0, {meta.vocab_size})")
+    return SamplingSpec(n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=p.max_tokens,
+                        seed=p.seed if p.HasField("seed") else None, stop_token_ids=tuple(p.stop_token_ids),
+                        stop=tuple(p.stop), top_k=top_k(p.top_k, max_top_k), ignore_eos=p.ignore_eos)

@@ -1,0 +1,39 @@
+"""Typed errors of the SDK and services. Each also inherits the stdlib type it refines."""
+
+from __future__ import annotations
+
+
+class TopdError(Exception):
+    """Base of every topd error."""
+
+
+class InvalidInputError(TopdError, ValueError):
+    """The request is malformed (maps to gRPC INVALID_ARGUMENT)."""
+
+
+class MalformedTensorError(InvalidInputError):
+    """Tensor bytes do not match their dtype and shape."""
+
+
+class PreconditionError(TopdError, RuntimeError):
+    """The request is well formed but cannot be served now (FAILED_PRECONDITION)."""
+
+
+class OverloadedError(TopdError, RuntimeError):
+    """The server's queue is full (RESOURCE_EXHAUSTED); safe to retry later."""
+
+
+class UnavailableError(TopdError, ConnectionError):
+    """The service cannot be reached or is still loading (UNAVAILABLE)."""
+
+
+class AuthError(TopdError, PermissionError):
+    """Missing or wrong auth token (UNAUTHENTICATED)."""
+
+
+class ConfigurationError(TopdError, ValueError):
+    """Settings that cannot work together; the message says which and why."""
+
+
+class TokenizerMismatchError(ConfigurationError):
+    """Teacher and student tokenizers differ, so their logprobs are not comparable."""
