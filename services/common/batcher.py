@@ -15,6 +15,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
@@ -36,6 +37,19 @@ class Ticket:
         self.cancelled = True
         for f in self.futures:
             f.cancel()
+
+    def results(self) -> list[Any]:
+        """Wait for every item in order; past the deadline, cancel the rest and raise TimeoutError."""
+        return list(self.iter_results())
+
+    def iter_results(self):
+        for fut in self.futures:
+            timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+            try:
+                yield fut.result(timeout=timeout)
+            except FutureTimeout:
+                self.cancel()
+                raise TimeoutError("deadline exceeded while waiting for the batch") from None
 
     def expired(self, now: float) -> bool:
         return self.cancelled or (self.deadline is not None and now > self.deadline)

@@ -51,6 +51,14 @@ def client_id_of(context: grpc.ServicerContext) -> str:
     return context.peer() or "anonymous"
 
 
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on the monotonic clock (None when the client set none)."""
+    import time
+
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
+
+
 def grpc_errors(method: Callable) -> Callable:
     """Map topd errors raised in a servicer method to gRPC status codes (unary and streaming)."""
 

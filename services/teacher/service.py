@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Hashable, Iterator
 
 import grpc
@@ -14,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from services.common.batcher import BatchStats, DynamicBatcher, Ticket
 from services.common.engine import Engine, SamplingSpec, ScoreOutput
 from services.common.engines import completion_to_wire, load_engine
-from services.common.grpc_server import client_id_of, grpc_errors
+from services.common.grpc_server import client_id_of, deadline_of, grpc_errors
 from services.common.metrics import TrafficStats
 from services.common.runner import ServiceRun, start_service
 from services.common.status_app import ServiceState
@@ -83,20 +81,6 @@ class TeacherCore:
         }
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
-
-
-def _wait(fut: Future, ticket: Ticket):
-    timeout = None if ticket.deadline is None else max(ticket.deadline - time.monotonic(), 0.0)
-    try:
-        return fut.result(timeout=timeout)
-    except FutureTimeout:
-        ticket.cancel()
-        raise TimeoutError("deadline exceeded while waiting for the teacher batch") from None
-
-
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     """Thin: validate, submit to the batcher, wait, pack."""
 
@@ -129,7 +113,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             payloads.append((ids, r))
             rows.append(len(ids) - r)
         ticket = self.core.batcher.submit(client_id_of(context), ("score", k, float(temperature)), payloads,
-                                          [len(p[0]) for p in payloads], _deadline(context))
+                                          [len(p[0]) for p in payloads], deadline_of(context))
         context.add_callback(ticket.cancel)
         return ticket, rows
 
@@ -143,7 +127,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def Score(self, request, context):
         start = time.monotonic()
         ticket, rows = self._submit_score(request, context)
-        results = [self._score_result(i, _wait(f, ticket)) for i, f in enumerate(ticket.futures)]
+        results = [self._score_result(i, out) for i, out in enumerate(ticket.results())]
         self.core.stats.record("Score", ticket.client_id, sum(rows), time.monotonic() - start)
         return teacher_pb2.ScoreResponse(results=results)
 
@@ -151,8 +135,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def ScoreStream(self, request, context) -> Iterator[teacher_pb2.ScoreResult]:
         start = time.monotonic()
         ticket, rows = self._submit_score(request, context)
-        for i, f in enumerate(ticket.futures):
-            yield self._score_result(i, _wait(f, ticket))
+        for i, out in enumerate(ticket.iter_results()):
+            yield self._score_result(i, out)
         self.core.stats.record("ScoreStream", ticket.client_id, sum(rows), time.monotonic() - start)
 
     @grpc_errors
@@ -165,9 +149,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         spec = validation.sampling_spec(request.params, meta, self.core.settings.max_top_k,
                                         max(len(p) for p in prompts))
         ticket = self.core.batcher.submit(client_id_of(context), ("generate", spec), prompts,
-                                          [(len(p) + spec.max_tokens) * spec.n for p in prompts], _deadline(context))
+                                          [(len(p) + spec.max_tokens) * spec.n for p in prompts], deadline_of(context))
         context.add_callback(ticket.cancel)
-        groups = [_wait(f, ticket) for f in ticket.futures]
+        groups = ticket.results()
         completions = [completion_to_wire(o) for group in groups for o in group]
         self.core.stats.record("Generate", ticket.client_id, sum(len(o.tokens_T) for g in groups for o in g),
                                time.monotonic() - start)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny local models (no hub here) and services started in-process on port 0."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Untied Qwen2-style model + BPE tokenizer, float32."""
+    from services.common.tiny_model import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "untied", TinyModelSpec(seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_tied_model(tmp_path_factory) -> Path:
+    from services.common.tiny_model import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tied", TinyModelSpec(seed=1, tie_word_embeddings=True))
+
+
+@pytest.fixture(scope="session")
+def hf_reference(tiny_model):
+    """An in-process transformers model of the same weights, for exact comparisons."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+
+
+def ref_logprobs(model, ids, temperature: float = 1.0):
+    """[L-1, V] float64 log-softmax of the next-token logits of one sequence."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.as_tensor(ids, dtype=torch.long)[None]).logits[0, :-1].double()
+    return torch.log_softmax(logits / temperature, dim=-1)
