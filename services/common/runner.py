@@ -77,7 +77,7 @@ def start_service(state: ServiceState, *, host: str, grpc_port: int | None, http
                                               max_message_bytes=max_message_bytes, auth_token=auth_token)
         server.start()
     run = ServiceRun(Endpoints(host, bound, http.port), state, server, http)
-    log.info("%s: grpc %s:%s http %s:%s", state.service, host, bound, host, http.port)
+    log.info("%s: http %s:%s%s", state.service, host, http.port, f", grpc {host}:{bound}" if server else "")
     if load is not None:
         state.set_ready(False, "loading")
         try:

@@ -1,0 +1,94 @@
+"""Prompt batches: JSONL `{"prompt": ..., "answer": ...}` or a Hugging Face dataset, reshuffled
+each epoch by seed, sharded by rank, with a position that checkpoints save and resume restores."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from topd_client.errors import ConfigurationError
+
+
+def read_jsonl(path: str | Path, prompt_field: str = "prompt") -> list[dict[str, Any]]:
+    records = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigurationError(f"{path}:{line_no}: not JSON ({exc.msg})") from exc
+            if prompt_field not in rec:
+                raise ConfigurationError(f"{path}:{line_no}: no {prompt_field!r} field")
+            records.append(rec)
+    if not records:
+        raise ConfigurationError(f"{path}: no prompts")
+    return records
+
+
+def load_dataset_records(name: str, split: str, prompt_field: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ConfigurationError("dataset= needs the `datasets` package: pip install 'topd[datasets]'") from exc
+    ds = datasets.load_dataset(name, split=split)
+    if prompt_field not in ds.column_names:
+        raise ConfigurationError(f"dataset {name} has no {prompt_field!r} column; columns: {ds.column_names}")
+    return [dict(r) for r in ds]
+
+
+@dataclass
+class DataState:
+    epoch: int = 0
+    position: int = 0
+
+
+class PromptStream:
+    """Endless batches of records: each epoch a seeded permutation; rank r takes every world-th."""
+
+    def __init__(self, records: list[dict[str, Any]], seed: int, rank: int = 0, world: int = 1) -> None:
+        self.records = records
+        self.seed = seed
+        self.rank, self.world = rank, world
+        self.state = DataState()
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(len(self.records)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[self.rank::self.world]
+
+    def next_batch(self, size: int) -> list[dict[str, Any]]:
+        out = []
+        while len(out) < size:
+            if self.state.position >= len(self._order):
+                self.state = DataState(self.state.epoch + 1, 0)
+                self._order = self._permutation(self.state.epoch)
+            out.append(self.records[self._order[self.state.position]])
+            self.state.position += 1
+        return out
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.state = DataState(int(state["epoch"]), int(state["position"]))
+        self._order = self._permutation(self.state.epoch)
+
+
+_ANSWER = re.compile(r"answer\s*[:=]\s*(\S+)", re.IGNORECASE)
+
+
+def generic_check(record: dict[str, Any], completion: str) -> bool:
+    """Answer check for any JSONL with an `answer`: the text after the last 'answer:' (else the last
+    number) equals it. The built-in task has its own, stricter checker."""
+    want = str(record.get("answer", "")).strip()
+    if not want:
+        return False
+    found = _ANSWER.findall(completion)
+    if found:
+        return found[-1].strip().rstrip(".") == want
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion)
+    return bool(numbers) and numbers[-1] == want

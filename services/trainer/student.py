@@ -1,0 +1,67 @@
+"""The student on the trainer's device: loading, and logits at chosen positions only.
+
+Shape suffixes: B rows, L padded sequence length, T positions per row, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def load_student(path: str, device: str):
+    """(model, tokenizer), float32 master weights on `device`, train mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model.train()
+    return model, tokenizer
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DistributedDataParallel."""
+    return getattr(model, "module", model)
+
+
+def position_logits(model: torch.nn.Module, seqs: Sequence[Tensor], starts: Sequence[int], counts: Sequence[int],
+                    device: str) -> Tensor:
+    """logits_BTV of the tokens at seq[start .. start+count-1] (predicted at start-1 ...), T = max count.
+
+    The decoder runs over the right-padded rows; the LM head runs only where it is needed
+    (prompt positions never reach the vocabulary). Padded [b, t >= count_b] entries are zeros.
+    """
+    width = max(len(s) for s in seqs)
+    ids_BL = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask_BL = torch.zeros((len(seqs), width), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids_BL[b, :len(s)] = s
+        mask_BL[b, :len(s)] = 1
+    ids_BL, mask_BL = ids_BL.to(device), mask_BL.to(device)
+    bare = unwrap(model)
+    T = max(counts)
+    if T == 0:
+        return torch.zeros((len(seqs), 0, bare.config.vocab_size), device=device)
+    rows = torch.cat([torch.full((c,), b, dtype=torch.long) for b, c in enumerate(counts)]).to(device)
+    t_idx = torch.cat([torch.arange(c) for c in counts]).to(device)
+    cols = torch.cat([torch.arange(s - 1, s - 1 + c) for s, c in zip(starts, counts)]).to(device)
+    if model is bare:
+        hidden_BLd = bare.get_decoder()(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
+        logits_NV = bare.get_output_embeddings()(hidden_BLd[rows, cols])
+    else:  # DDP: go through forward so gradient hooks fire
+        logits_NV = model(input_ids=ids_BL, attention_mask=mask_BL).logits[rows, cols]
+    out = logits_NV.new_zeros((len(seqs), T, logits_NV.shape[-1]))
+    out[rows, t_idx] = logits_NV
+    return out.float()
+
+
+def gather_token_logprobs(logits_BTV: Tensor, ids_BT: Tensor) -> Tensor:
+    """log softmax(logits)[ids] per position, [B, T]."""
+    return torch.log_softmax(logits_BTV, dim=-1).gather(-1, ids_BT[..., None].long()).squeeze(-1)
+
+
+def named_weights(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Parameters (tied ones once) detached, as the rollout service expects them."""
+    return {n: p.detach() for n, p in unwrap(model).named_parameters()}
