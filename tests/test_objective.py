@@ -1,0 +1,402 @@
+"""The TOPD objective (services/trainer/objective.py, diagnostics.py) on hand-worked tensors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from services.trainer.diagnostics import batch_diagnostics, pearson, roc_auc, spearman
+from services.trainer.objective import (
+    VARIANTS,
+    Detection,
+    OPDConfig,
+    OPDInputs,
+    TrajConfig,
+    aggregate_tokens,
+    discount_backward,
+    divergent_by_fraction,
+    divergent_by_threshold,
+    fraction_count,
+    gather_logprobs,
+    get_variant,
+    opd_advantages,
+    opd_loss,
+    select_candidates,
+    token_loss,
+    topk_forward_kl,
+    topk_reverse_kl,
+    traj_loss,
+    variant_weights,
+)
+
+# ---------------------------------------------------------------- helpers
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _binned_kl_ref(p: np.ndarray, q: np.ndarray, ids: np.ndarray) -> float:
+    """KL(p || q) in float64 after merging every id outside `ids` into one tail bin."""
+    pb = np.r_[p[ids], 1 - p[ids].sum()]
+    qb = np.r_[q[ids], 1 - q[ids].sum()]
+    keep = pb > 1e-15
+    return float((pb[keep] * np.log(pb[keep] / qb[keep])).sum())
+
+
+# ---------------------------------------------------------------- counting and aggregation
+
+
+def test_fraction_count_is_ceil_without_float_drift() -> None:
+    assert fraction_count(0.7, 10) == 7  # 0.7 * 10 = 7.000000000000001 in floats
+    assert fraction_count(0.2, 3) == 1
+    assert fraction_count(0.2, 0) == 0
+    assert fraction_count(0.0, 5) == 0
+    assert fraction_count(1.0, 5) == 5
+    assert fraction_count(1e-12, 5) == 1
+
+
+def test_aggregate_tokens_ignores_nonfinite_padding() -> None:
+    x = torch.tensor([[1.0, 3.0, float("nan")], [2.0, float("inf"), 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert aggregate_tokens(x, mask).item() == pytest.approx(2.0)  # (1 + 3 + 2) / 3
+    assert aggregate_tokens(x, mask, num_tokens=12).item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- OPD
+
+
+def test_discount_by_hand() -> None:
+    # gamma = 0.5, row 0: x = (1, 2, 3, pad): x'_2 = 3, x'_1 = 2 + 1.5 = 3.5, x'_0 = 1 + 1.75 = 2.75.
+    # row 1 has a hole at t = 1: x'_2 = 4, x'_1 = 0, x'_0 = 1 + 0.5 * 0 + 0.25 * 4 = 2.
+    x = torch.tensor([[1.0, 2.0, 3.0, 99.0], [1.0, 100.0, 4.0, 99.0]])
+    mask = torch.tensor([[True, True, True, False], [True, False, True, False]])
+    out = discount_backward(x, mask, 0.5)
+    assert out.tolist() == [[2.75, 3.5, 3.0, 0.0], [2.0, 0.0, 4.0, 0.0]]
+    assert discount_backward(x, mask, 0.0).tolist() == [[1.0, 2.0, 3.0, 0.0], [1.0, 0.0, 4.0, 0.0]]
+
+
+def test_opd_loss_and_metrics_by_hand() -> None:
+    # On-policy (rho = 1). A = teacher - student = (-1, -3, +1) on the three response tokens.
+    student = torch.tensor([[-1.0, -1.0, -2.0, -5.0]])
+    teacher = torch.tensor([[-2.0, -4.0, -1.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    inp = OPDInputs(student.clone().requires_grad_(), student, teacher, mask)
+    loss, m = opd_loss(inp)
+    assert loss.item() == pytest.approx(-(-1 - 3 + 1) / 3)
+    assert m["opd/reverse_kl"] == pytest.approx(1.0)
+    assert m["opd/rho_mean"] == pytest.approx(1.0)
+    assert m["opd/clip_frac"] == 0.0
+    # Clip at c = 2: A = (-1, -2, 1), one of three tokens clipped.
+    loss, m = opd_loss(inp, OPDConfig(adv_clip=2.0))
+    assert loss.item() == pytest.approx(2 / 3)
+    assert m["opd/clip_frac"] == pytest.approx(1 / 3)
+    assert m["opd/reverse_kl"] == pytest.approx(1.0)  # the metric is before clipping
+
+
+def test_opd_importance_ratio_and_discount() -> None:
+    sampler = torch.tensor([[-1.0, -1.0]])
+    new = sampler + torch.tensor([[math.log(2.0), 0.0]])  # the policy moved: rho = (2, 1)
+    teacher = torch.tensor([[0.0, -3.0]])  # r = (1, -2)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, m = opd_loss(OPDInputs(new, sampler, teacher, mask, num_tokens=4.0))
+    assert loss.item() == pytest.approx(-(2 * 1 + 1 * -2) / 4)
+    assert m["opd/rho_mean"] == pytest.approx(1.5)
+    # gamma = 0.5: A = (1 + 0.5 * -2, -2) = (0, -2); the metric stays the raw reverse KL.
+    loss, m = opd_loss(OPDInputs(new, sampler, teacher, mask), OPDConfig(kl_discount=0.5))
+    assert loss.item() == pytest.approx(-(2 * 0 + 1 * -2) / 2)
+    assert m["opd/reverse_kl"] == pytest.approx(0.5)
+
+
+def _opd_toy(weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, T, V = 2, 4, 5
+    logits = torch.randn(B, T, V, generator=_gen(0), requires_grad=True)
+    ids = torch.randint(V, (B, T), generator=_gen(1))
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    teacher = torch.randn(B, T, generator=_gen(2)).clamp(max=-0.1).requires_grad_()
+    sampler = (gather_logprobs(logits, ids[..., None])[..., 0].detach() - 0.1).requires_grad_()
+    new = gather_logprobs(logits, ids[..., None])[..., 0]
+    loss, _ = opd_loss(OPDInputs(new, sampler, teacher, mask, weights_BT=weights))
+    loss.backward()
+    return logits.grad, teacher, sampler, mask
+
+
+def test_opd_gradients_flow_only_to_the_policy_at_response_tokens() -> None:
+    grad, teacher, sampler, mask = _opd_toy()
+    assert teacher.grad is None and sampler.grad is None
+    per_token = grad.abs().sum(-1)
+    assert (per_token[~mask] == 0).all()
+    assert (per_token[mask] > 0).all()
+
+
+def test_opd_zero_weight_tokens_get_no_gradient() -> None:
+    w = torch.ones(2, 4)
+    w[0, 1] = 0.0
+    grad, _, _, mask = _opd_toy(w)
+    per_token = grad.abs().sum(-1)
+    assert per_token[0, 1] == 0
+    assert (per_token[mask & (w > 0)] > 0).all()
+
+
+def test_opd_gradient_matches_formula() -> None:
+    # dL/dlogp_new_t = -w_t rho_t A_t / N.
+    new = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    sampler = torch.tensor([[-1.2, -2.0, -0.1]])
+    teacher = torch.tensor([[-0.5, -3.0, -1.0]])
+    w = torch.tensor([[1.0, 0.5, 0.0]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    loss, _ = opd_loss(OPDInputs(new, sampler, teacher, mask, weights_BT=w))
+    loss.backward()
+    rho = torch.exp(new.detach() - sampler)
+    expected = -w * rho * (teacher - sampler) / 3
+    assert torch.allclose(new.grad, expected)
+
+
+@pytest.mark.parametrize("source", ["sampler", "current"])
+def test_advantages_are_stop_gradient(source: str) -> None:
+    sampler = torch.tensor([[-1.0, -2.0]])
+    teacher = torch.tensor([[-0.5, -1.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    new = torch.tensor([[-1.1, -2.2]], requires_grad=True)
+    cfg = OPDConfig(advantage_from=source)
+    adv = opd_advantages(OPDInputs(new, sampler, teacher, mask), cfg)
+    assert not adv.requires_grad
+    moved = opd_advantages(OPDInputs(new + 0.3, sampler, teacher, mask), cfg)
+    if source == "sampler":
+        assert torch.equal(adv, moved)
+
+
+def test_bad_opd_config_names_valid_options() -> None:
+    with pytest.raises(ValueError, match="sampler, current"):
+        OPDConfig(advantage_from="teacher")
+
+
+# ---------------------------------------------------------------- top-k KL terms
+
+
+@pytest.mark.parametrize("k", [6, 3])  # k = V: no tail; k < V: a real tail
+def test_kl_terms_zero_when_student_equals_teacher(k: int) -> None:
+    logp_V = torch.log_softmax(torch.randn(2, 6, generator=_gen(3)), -1)
+    ids = logp_V.topk(k, -1).indices
+    logp_k = logp_V.gather(-1, ids)
+    assert topk_forward_kl(logp_k, logp_k).abs().max().item() < 1e-6
+    assert topk_reverse_kl(logp_k, logp_k).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("k", [6, 3])
+def test_kl_terms_match_float64_reference(k: int) -> None:
+    t_logits = torch.randn(3, 6, generator=_gen(4))
+    s_logits = torch.randn(3, 6, generator=_gen(5))
+    ids = t_logits.topk(k, -1).indices
+    t_k = torch.log_softmax(t_logits, -1).gather(-1, ids)
+    s_k = gather_logprobs(s_logits, ids)
+    fwd = topk_forward_kl(s_k, t_k)
+    rev = topk_reverse_kl(s_k, t_k)
+    pT = torch.softmax(t_logits.double(), -1).numpy()
+    pS = torch.softmax(s_logits.double(), -1).numpy()
+    for n in range(3):
+        assert fwd[n].item() == pytest.approx(_binned_kl_ref(pT[n], pS[n], ids[n].numpy()), abs=1e-5)
+        assert rev[n].item() == pytest.approx(_binned_kl_ref(pS[n], pT[n], ids[n].numpy()), abs=1e-5)
+    no_tail = topk_reverse_kl(s_k, t_k, tail=False)
+    ref = (pS[0][ids[0]] * np.log(pS[0][ids[0]] / pT[0][ids[0]])).sum()
+    assert no_tail[0].item() == pytest.approx(ref, abs=1e-5)
+
+
+# ---------------------------------------------------------------- candidates and classification
+
+LOSS = torch.tensor([[5.0, 1.0, 3.0, 2.0], [6.0, 7.0, 9.0, 100.0]])  # 100 sits on padding
+MASK = torch.tensor([[True, True, True, True], [True, True, True, False]])
+
+
+def _cells(mask_BT: torch.Tensor) -> set[tuple[int, int]]:
+    return {tuple(x) for x in mask_BT.nonzero().tolist()}
+
+
+def test_candidates_trajectory_scope() -> None:
+    # q = 0.5: row 0 keeps ceil(2) = 2 of (5, 1, 3, 2); row 1 keeps ceil(1.5) = 2 of (6, 7, 9).
+    cand = select_candidates(LOSS, MASK, 0.5, "trajectory")
+    assert _cells(cand) == {(0, 0), (0, 2), (1, 2), (1, 1)}
+    # q = 0.1: at least one per non-empty row.
+    assert _cells(select_candidates(LOSS, MASK, 0.1, "trajectory")) == {(0, 0), (1, 2)}
+
+
+def test_candidates_batch_scope_and_cap() -> None:
+    # 7 response tokens, q = 0.5: ceil(3.5) = 4 highest overall: 9, 7, 6, 5.
+    cand = select_candidates(LOSS, MASK, 0.5, "batch")
+    assert _cells(cand) == {(1, 2), (1, 1), (1, 0), (0, 0)}
+    # trajectory picks (5, 3, 9, 7); a cap of 3 keeps the three highest: 9, 7, 5.
+    capped = select_candidates(LOSS, MASK, 0.5, "trajectory", max_candidates=3)
+    assert _cells(capped) == {(1, 2), (1, 1), (0, 0)}
+
+
+def test_candidates_edge_cases() -> None:
+    empty_row = MASK.clone()
+    empty_row[1] = False
+    assert _cells(select_candidates(LOSS, empty_row, 0.5)) == {(0, 0), (0, 2)}
+    assert not select_candidates(LOSS, MASK, 0.0).any()
+    with pytest.raises(ValueError, match="trajectory, batch"):
+        select_candidates(LOSS, MASK, 0.5, "sequence")
+
+
+def test_token_loss_is_detached_student_minus_teacher() -> None:
+    s = torch.tensor([-1.0, -2.0], requires_grad=True)
+    out = token_loss(s, torch.tensor([-3.0, -1.0]))
+    assert out.tolist() == [2.0, -1.0] and not out.requires_grad
+
+
+def test_classification_fraction_and_threshold() -> None:
+    D = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7])
+    # 0.6 of 5 = 3 highest: 0.9, 0.7, 0.5.
+    assert divergent_by_fraction(D, 0.6).tolist() == [False, True, True, False, True]
+    assert divergent_by_threshold(D, 0.4).tolist() == [False, True, True, False, True]
+
+
+# ---------------------------------------------------------------- weights per variant
+
+
+def _detection() -> Detection:
+    # Candidates in row-major order: (0,0), (0,2), (1,1), (1,2) with D = 0.1, 0.9, 0.5, 0.3.
+    cand = torch.zeros(2, 4, dtype=torch.bool)
+    for r, c in [(0, 0), (0, 2), (1, 1), (1, 2)]:
+        cand[r, c] = True
+    D = torch.tensor([0.1, 0.9, 0.5, 0.3])
+    # divergent_frac 0.5: top 2 by D are (0,2) and (1,1); false alarms (0,0) and (1,2).
+    return Detection(cand, D, divergent_by_fraction(D, 0.5))
+
+
+def test_variant_weights_by_hand() -> None:
+    det, mask, a = _detection(), torch.ones(2, 4, dtype=torch.bool), 0.25
+    ones = torch.ones(2, 4)
+    assert torch.equal(variant_weights("opd", mask, None, a), ones)
+    suppress = ones.clone()
+    suppress[0, 0] = suppress[1, 2] = a  # the two false alarms
+    assert torch.equal(variant_weights("opd_suppress", mask, det, a), suppress)
+    control = ones.clone()
+    control[0, 2] = control[1, 1] = a  # as many (2), but the highest-D candidates
+    assert torch.equal(variant_weights("opd_suppress_control", mask, det, a), control)
+    assert torch.equal(variant_weights("topd", mask, det, a), suppress)
+    assert get_variant("topd").uses_traj and not get_variant("opd_suppress").uses_traj
+    assert det.divergent_positions()[0].tolist() == [0, 1] and det.divergent_positions()[1].tolist() == [2, 1]
+
+
+def test_variant_errors() -> None:
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match=", ".join(VARIANTS)):
+        get_variant("topd_v2")
+    with pytest.raises(ValueError, match="Detection"):
+        variant_weights("opd_suppress", mask, None, 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        variant_weights("opd", mask, None, 1.5)
+    with pytest.raises(ValueError, match="4 candidates"):
+        Detection(_detection().candidates_BT, torch.zeros(3), torch.zeros(3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- L_traj
+
+
+def _windows(k: int, same: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, K, V = 2, 3, 6
+    t_logits = torch.randn(N, K, V, generator=_gen(6))
+    s_logits = (t_logits if same else torch.randn(N, K, V, generator=_gen(7))).clone().requires_grad_()
+    ids = t_logits.topk(k, -1).indices
+    t_logp = torch.log_softmax(t_logits, -1).gather(-1, ids)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    ids = ids.masked_fill(~mask[..., None], -1)  # garbage padding must be ignored
+    t_logp = t_logp.masked_fill(~mask[..., None], -math.inf)
+    return s_logits, ids, t_logp, mask
+
+
+@pytest.mark.parametrize("k", [6, 3])
+def test_traj_zero_when_student_equals_teacher(k: int) -> None:
+    loss, m = traj_loss(*_windows(k, same=True), num_response_tokens=10)
+    assert abs(loss.item()) < 1e-6 and abs(m["topd/traj_kl"]) < 1e-6
+
+
+def test_traj_value_normalisation_and_gradients() -> None:
+    s_logits, ids, t_logp, mask = _windows(3, same=False)
+    pS = torch.softmax(s_logits.detach().double(), -1).numpy()
+    pT = np.exp(t_logp.double().numpy())
+    ref = np.zeros((2, 3))
+    for n, i in mask.nonzero().tolist():
+        full_T = np.zeros(6)
+        full_T[ids[n, i].numpy()] = pT[n, i]
+        full_T[full_T == 0] = (1 - pT[n, i].sum()) / 3  # any split of the tail: it is binned
+        ref[n, i] = _binned_kl_ref(full_T, pS[n, i], ids[n, i].numpy())
+    u = (1.0, 0.5, 0.25)
+    weighted = sum(ref[n, i] * u[i] for n, i in mask.nonzero().tolist())
+    loss, _ = traj_loss(s_logits, ids, t_logp, mask, 10, TrajConfig(lam=2.0, offset_weights=u))
+    assert loss.item() == pytest.approx(2.0 * weighted / 10, abs=1e-5)
+    loss_w, m = traj_loss(s_logits, ids, t_logp, mask, None, TrajConfig(normalisation="window_tokens"))
+    assert loss_w.item() == pytest.approx(ref.sum() / 4, abs=1e-5)
+    assert m["topd/num_windows"] == 2
+    loss_w.backward()
+    per_pos = s_logits.grad.abs().sum(-1)
+    assert (per_pos[~mask] == 0).all() and (per_pos[mask] > 0).all()
+    assert torch.isfinite(s_logits.grad).all()
+
+
+def test_traj_config_errors() -> None:
+    with pytest.raises(ValueError, match="response_tokens, window_tokens"):
+        TrajConfig(normalisation="per_window")
+    with pytest.raises(ValueError, match="num_response_tokens"):
+        traj_loss(*_windows(3, same=False), None)
+    with pytest.raises(ValueError, match="offset weights"):
+        traj_loss(*_windows(3, same=False), 5, TrajConfig(offset_weights=(1.0, 1.0)))
+
+
+# ---------------------------------------------------------------- diagnostics
+
+
+def test_correlations_match_scipy() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    y = 0.3 * x + rng.normal(size=30)
+    y[:5] = y[5]  # ties
+    assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+    assert spearman(torch.tensor(x), torch.tensor(y)) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-9)
+
+
+def test_correlations_degenerate_are_nan_without_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(pearson([1.0], [2.0]))
+        assert math.isnan(pearson([], []))
+        assert math.isnan(spearman([0.1, 0.1, 0.1], [1.0, 2.0, 3.0]))
+
+
+def test_roc_auc_by_hand() -> None:
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    # Positives 0.35 and 0.8 vs negatives 0.1 and 0.4: 0.35 beats 0.1 only, 0.8 beats both: 3/4.
+    assert roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75
+    # A tie counts half: 0.5 vs (0.5, 0.2) -> 0.5 + 1 over 2 pairs.
+    assert roc_auc([0.5, 0.5, 0.2], [1, 0, 0]) == 0.75
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_batch_diagnostics_by_hand() -> None:
+    det = _detection()
+    loss = torch.zeros(2, 4)
+    loss[0, 0], loss[0, 2], loss[1, 1], loss[1, 2] = 1.0, 2.0, 3.0, 4.0
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    out = batch_diagnostics(loss, mask, det)
+    assert out["opd/reverse_kl"] == pytest.approx(10 / 8)
+    assert out["topd/false_alarm_frac"] == 0.5
+    assert out["topd/num_divergent"] == 2 and out["topd/num_candidates"] == 4
+    assert out["topd/mean_ot"] == pytest.approx(0.45)
+    D = [0.1, 0.9, 0.5, 0.3]
+    assert out["topd/pearson"] == pytest.approx(stats.pearsonr([1, 2, 3, 4], D)[0])
+    assert out["topd/spearman"] == pytest.approx(stats.spearmanr([1, 2, 3, 4], D)[0])
+    none = Detection(torch.zeros(2, 4, dtype=torch.bool), torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        empty = batch_diagnostics(loss, mask, none)
+    assert empty["topd/num_divergent"] == 0 and math.isnan(empty["topd/false_alarm_frac"])
+    assert set(batch_diagnostics(loss, mask, None)) == {"opd/reverse_kl"}
