@@ -58,10 +58,6 @@ class Trainer:
         self.step_times: list[float] = []
         self.student_path = resolve_model(settings.student_model)
         self.model, self.tokenizer = load_student(self.student_path, self.device)
-        self.ddp = None
-        if world > 1:
-            self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.startswith("cuda") else None)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
         warm = max(settings.warmup_steps, 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda i: min(1.0, (i + 1) / (warm + 1)))
@@ -172,7 +168,7 @@ class Trainer:
         t0 = time.perf_counter()
         weights_BT = (obj.variant_weights(s.objective, mask_BT, detection, s.alpha)
                       if detection is not None else torch.ones_like(sampler_BT))
-        model = self.ddp or self.model
+        model = self.model
         self.optimizer.zero_grad(set_to_none=True)
         opd_total, logp_new_BT = st.backward_opd(model, rollouts, teacher_BT, weights_BT, s, self.device)
         metrics: dict[str, float] = {}
@@ -183,6 +179,8 @@ class Trainer:
             metrics.update(traj_m)
         total = opd_total + traj_total
         skipped = not st.is_finite(total)
+        if self.world > 1:
+            skipped = average_gradients(self.model, skipped)
         grad_norm = float("nan")
         if skipped:
             self.nonfinite_steps += 1
@@ -293,6 +291,23 @@ class Trainer:
                 "eta_s": self.eta_s(), "nonfinite_steps": self.nonfinite_steps,
                 "last_metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                  for k, v in self.last_metrics.items()}}
+
+
+def average_gradients(model: torch.nn.Module, skipped: bool) -> bool:
+    """Data parallel: average gradients over ranks (each rank's loss is normalised by its own tokens)
+    and agree on skipping. All-reduce after the backward passes instead of DDP hooks, because ranks
+    run different numbers of micro-batches (their branch windows differ)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if skipped else 0.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    return bool(flag.item() > 0)
 
 
 def write_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ def load_student(path: str, device: str):
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DistributedDataParallel."""
+    """The bare model (also under a DistributedDataParallel-style wrapper)."""
     return getattr(model, "module", model)
 
 
@@ -47,11 +47,8 @@ def position_logits(model: torch.nn.Module, seqs: Sequence[Tensor], starts: Sequ
     rows = torch.cat([torch.full((c,), b, dtype=torch.long) for b, c in enumerate(counts)]).to(device)
     t_idx = torch.cat([torch.arange(c) for c in counts]).to(device)
     cols = torch.cat([torch.arange(s - 1, s - 1 + c) for s, c in zip(starts, counts)]).to(device)
-    if model is bare:
-        hidden_BLd = bare.get_decoder()(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
-        logits_NV = bare.get_output_embeddings()(hidden_BLd[rows, cols])
-    else:  # DDP: go through forward so gradient hooks fire
-        logits_NV = model(input_ids=ids_BL, attention_mask=mask_BL).logits[rows, cols]
+    hidden_BLd = bare.get_decoder()(input_ids=ids_BL, attention_mask=mask_BL).last_hidden_state
+    logits_NV = bare.get_output_embeddings()(hidden_BLd[rows, cols])
     out = logits_NV.new_zeros((len(seqs), T, logits_NV.shape[-1]))
     out[rows, t_idx] = logits_NV
     return out.float()
