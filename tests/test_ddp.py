@@ -28,10 +28,10 @@ def test_two_ranks_hold_the_same_weights_after_a_step(models, tmp_path):  # noqa
         # each rank trained on its own prompts (different losses) yet holds identical weights
         assert ranks[0]["digest"] == ranks[1]["digest"]
         assert ranks[0]["loss"] != ranks[1]["loss"]
-        # and both rollouts received a new version
+        # both rollouts got the initial weights (version 1), then the step's (version 2)
         from topd_client import RolloutClient
 
-        assert RolloutClient(r0.address).info().policy_version == 1
-        assert RolloutClient(r1.address).info().policy_version == 1
+        assert RolloutClient(r0.address).info().policy_version == 2
+        assert RolloutClient(r1.address).info().policy_version == 2
         initial = Path(models["student"])
         assert (tmp_path / "run" / "final").exists() and initial.exists()

@@ -131,6 +131,13 @@ class Trainer:
                     f"logprobs over different vocabularies are not comparable (override: allow_tokenizer_mismatch)")
         self.pushed_version = rollout_info.policy_version
 
+    def push_weights(self) -> None:
+        """Make rollout serve exactly the trainer's weights (fresh start, resume): a rollout that
+        outlived an earlier run may hold other weights."""
+        version = self.pushed_version + 1
+        self.rollout.update_weights(named_weights(self.model), version)
+        self.pushed_version = version
+
     # ------------------------------------------------------------------- run
     def prompt_ids(self, records: list[dict[str, Any]]) -> list[torch.Tensor]:
         out = []
@@ -277,9 +284,7 @@ class Trainer:
         self.data.restore(state["data"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         step = int(state["step"])
-        version = max(step, self.pushed_version + 1)
-        self.rollout.update_weights(named_weights(self.model), version)
-        self.pushed_version = version
+        self.push_weights()
         log.info("resumed from %s (step %d)", path, step)
         return step
 

@@ -72,6 +72,8 @@ def train(settings: TrainerSettings, on_step: Callable[[int, dict], None] | None
     try:
         trainer.connect()
         start = trainer.resume() if settings.resume else 0
+        if start == 0:
+            trainer.push_weights()
         if not settings.resume and rank == 0 and metrics_file.exists():
             metrics_file.unlink()
         trainer.step = start
