@@ -3,7 +3,7 @@
 Requests are split into items (one sequence or prompt each) that wait in per-client queues. A
 single worker thread forms each batch by visiting clients round robin, one item at a time, until a
 token budget is full, so one client with a huge request cannot starve the others; it waits at most
-`max_wait_s` for a batch to fill. Only items with the same key (kind and parameters) are merged.
+`max_wait_s` for a batch to fill, and not at all once every recently active client has work queued. Only items with the same key (kind and parameters) are merged.
 The queue is bounded: `submit` raises `OverloadedError` instead of growing without bound.
 
 The batcher knows nothing about models: `run_batch(key, payloads) -> results` does the work.
@@ -92,6 +92,7 @@ class DynamicBatcher:
         self._size = 0
         self._cv = threading.Condition()
         self._stopped = False
+        self._last_submit: dict[str, float] = {}
         self._worker = threading.Thread(target=self._loop, name="topd-batcher", daemon=True)
         self._worker.start()
 
@@ -112,6 +113,7 @@ class DynamicBatcher:
             if self._size + len(payloads) > self.max_queue_items:
                 raise OverloadedError(
                     f"queue full ({self._size} items waiting, limit {self.max_queue_items}); retry with backoff")
+            self._last_submit[client_id] = time.monotonic()
             q = self._queues.setdefault(client_id, deque())
             for payload, cost, fut in zip(payloads, costs, ticket.futures):
                 q.append(_Item(key, payload, max(int(cost), 1), fut, ticket))
@@ -134,7 +136,8 @@ class DynamicBatcher:
                 if self._stopped and self._size == 0:
                     return
                 first_seen = min(q[0].enqueued for q in self._queues.values() if q)
-                while not self._stopped and self._pending_tokens() < self.max_batch_tokens:
+                while (not self._stopped and self._pending_tokens() < self.max_batch_tokens
+                       and not self._all_active_clients_waiting()):
                     left = first_seen + self.max_wait_s - time.monotonic()
                     if left <= 0:
                         break
@@ -142,6 +145,13 @@ class DynamicBatcher:
                 batch = self._take_batch()
             if batch:
                 self._execute(batch)
+
+    def _all_active_clients_waiting(self) -> bool:
+        """No one else is likely to join: every client seen in the last second has items queued.
+        A lone trainer then never waits for a batch to fill; several never wait longer than before."""
+        now = time.monotonic()
+        self._last_submit = {c: t for c, t in self._last_submit.items() if now - t < 1.0}
+        return all(self._queues.get(c) for c in self._last_submit)
 
     def _pending_tokens(self) -> int:
         return sum(it.cost for q in self._queues.values() for it in q)
