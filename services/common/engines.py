@@ -7,7 +7,8 @@ from services.common.model_files import resolve_device, resolve_model
 
 
 def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "auto", max_top_k: int = 64,
-                max_seq_len: int | None = None, seed: int = 0) -> Engine:
+                max_seq_len: int | None = None, seed: int = 0, kv_cache_mb: int | None = None,
+                gpu_memory_utilization: float = 0.4) -> Engine:
     """`auto` = vLLM on a GPU, transformers on a CPU (a torch forward scored ~25x faster than vLLM's
     prompt_logprobs here)."""
     path = resolve_model(model)
@@ -21,7 +22,12 @@ def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "au
     if kind == "vllm":
         from services.common.engine_vllm import VLLMEngine
 
-        return VLLMEngine(path, dtype=dtype, device=dev, max_model_len=max_seq_len, max_top_k=max_top_k, seed=seed)
+        if kv_cache_mb is None:  # CPU: vLLM needs an explicit size; GPU: a fraction of device memory
+            kv_bytes = 64 << 20 if dev == "cpu" else None
+        else:
+            kv_bytes = kv_cache_mb << 20
+        return VLLMEngine(path, dtype=dtype, device=dev, max_model_len=max_seq_len, max_top_k=max_top_k, seed=seed,
+                          kv_cache_bytes=kv_bytes, gpu_memory_utilization=gpu_memory_utilization)
     raise ValueError(f"unknown engine {kind!r}; valid: auto, hf, vllm")
 
 

@@ -52,7 +52,8 @@ class RolloutCore:
 
         s = self.settings
         self.engine = load_engine(s.engine, s.model, device=s.device, dtype=s.dtype, max_top_k=s.max_top_k,
-                                  max_seq_len=s.max_seq_len, seed=s.seed)
+                                  max_seq_len=s.max_seq_len, seed=s.seed,
+                                  kv_cache_mb=s.kv_cache_mb, gpu_memory_utilization=s.gpu_memory_utilization)
         self.tokenizer = AutoTokenizer.from_pretrained(self.engine.meta.model)
 
     def require_engine(self) -> Engine:

@@ -30,3 +30,7 @@ class RolloutSettings(BaseSettings):
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
                                    description="Shared token; when set every RPC needs 'authorization: Bearer <token>'")
     seed: int = Field(0, description="Engine seed")
+    kv_cache_mb: int | None = Field(None, description="vLLM KV cache size in MiB (default: 64 on CPU; on GPU sized "
+                                                      "from gpu_memory_utilization)")
+    gpu_memory_utilization: float = Field(0.3, description="Fraction of GPU memory vLLM may take (teacher and "
+                                                             "rollout on one GPU must add up to < 1 with room for the trainer)")

@@ -40,7 +40,8 @@ class TeacherCore:
     def load(self) -> None:
         s = self.settings
         self.engine = load_engine(s.engine, s.model, device=s.device, dtype=s.dtype, max_top_k=s.max_top_k,
-                                  max_seq_len=s.max_seq_len, seed=s.seed)
+                                  max_seq_len=s.max_seq_len, seed=s.seed,
+                                  kv_cache_mb=s.kv_cache_mb, gpu_memory_utilization=s.gpu_memory_utilization)
 
     def require_engine(self) -> Engine:
         if self.engine is None:
