@@ -24,8 +24,8 @@ with one shared byte-level BPE tokenizer (vocab 4096): a ~0.65B "teacher" and a 
 Every phase has a deadline (the run's budget minus what later phases are set to need), repeats
 only while the next repeat fits, and records why it has no numbers (out of time, or its error)
 instead of stopping the run. Without an importable vLLM (or with --no-vllm) every service uses
-transformers. Real checkpoints and vLLM: the vLLM engine's KV cache is a fixed 64 MiB today, which
-an 8B model's --max-seq-len does not fit (docs/gpu.md, "Known limits"); hence --no-vllm above.
+transformers. On a GPU, vLLM sizes its KV cache from each service's --gpu-memory-utilization
+(docs/gpu.md, "Known limits").
 
 Output: a markdown table on stdout, and results.md, results.json and service_logs.txt under --out
 (default: $OUT when set, else runs/gpu_check).
@@ -128,10 +128,8 @@ class Plan:
         return sum(self.phase_s.values())
 
 
-# max_position_embeddings stays at 2048: the vLLM engine reserves a fixed 64 MiB KV cache, and vLLM
-# refuses to start unless one max-length sequence fits in it (the teacher needs 24 KiB per token in
-# bfloat16: 2,730 tokens; the student 12 KiB: 5,461 tokens, ~40 sequences of 128 + 128 at once).
-# Sampling lengths are sized to that cache; the table shows the size vLLM reported.
+# max_position_embeddings stays at 2048, so that even a CPU smoke run's 64 MiB KV cache holds one
+# max-length sequence (vLLM refuses to start otherwise); the table shows the size vLLM reported.
 GPU_PLAN = Plan(
     device="cuda", teacher_engines=("vllm", "hf"), vocab_size=4096,
     teacher=ModelShape(hidden_size=1536, intermediate_size=4608, num_layers=24, num_heads=12, num_kv_heads=2),
