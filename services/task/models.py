@@ -1,0 +1,421 @@
+"""Teacher and student for the built-in task: tokenizer, training, warm-up, cache, evaluation.
+
+`prepare_builtin` builds (or reuses) a cache directory holding, in Hugging Face format:
+
+    teacher/   Qwen2ForCausalLM trained from scratch on rendered solutions (mixed surface forms)
+    student/   a much smaller Qwen2 warmed up on teacher samples (stage 1: off-policy distillation)
+               to a weak start, 20-50% greedy accuracy
+    train.jsonl, val.jsonl, test.jsonl, teacher_samples.jsonl, build.json (sizes, times, accuracies)
+
+Creation is deterministic in the seed (data order, init and sampling are seeded; training stops on
+step counts and on seeded evaluations, never on wall-clock time). A file lock keeps two processes
+from building at once, and the build happens in a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from services.task import arith
+from services.task.arith import Problem, TaskConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 3
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+UNK = "<|unk|>"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Qwen2 shape. head_dim = hidden_size / num_heads must be a size vLLM's CPU attention supports."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int = 256
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """One supervised run: steps, batch, learning rate, and when to stop early on validation."""
+
+    max_steps: int
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    final_lr_frac: float = 0.1  # linear decay from lr to lr * final_lr_frac at max_steps
+    eval_every: int = 200
+    stop_at_acc: float = 1.01  # stop once validation accuracy reaches this (default: never)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything `prepare_builtin` builds; the cache key hashes the version and the seed."""
+
+    task: TaskConfig = TaskConfig()
+    teacher: ModelSpec = ModelSpec(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)
+    student: ModelSpec = ModelSpec(hidden_size=128, num_layers=1, num_heads=2, intermediate_size=256)
+    teacher_train: TrainSpec = TrainSpec(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=30, eval_every=100,
+                                         stop_at_acc=0.97)
+    student_warmup: TrainSpec = TrainSpec(max_steps=800, batch_size=32, lr=3e-3, eval_every=50, stop_at_acc=0.3)
+    n_train: int = 50_000
+    n_val: int = 500
+    n_test: int = 1000
+    n_eval_during_training: int = 100
+    n_teacher_samples: int = 2048
+    sample_temperature: float = 1.0
+    threads: int = 2
+
+
+@dataclass(frozen=True)
+class BuiltinModels:
+    """Paths of a prepared cache entry."""
+
+    teacher_dir: Path
+    student_dir: Path
+    data_dir: Path
+    train_jsonl: Path
+    val_jsonl: Path
+    test_jsonl: Path
+    teacher_samples_jsonl: Path = field(default=Path())
+    info: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer():
+    """A character-level WordLevel tokenizer over the task's alphabet, as PreTrainedTokenizerFast."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [EOS, PAD, UNK]
+    vocab = {t: i for i, t in enumerate(specials + list(arith.alphabet()))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                   clean_up_tokenization_spaces=False, padding_side="left",
+                                   model_max_length=256)
+    return fast
+
+
+def build_model(spec: ModelSpec, tokenizer, seed: int):
+    """A randomly initialised (seeded) Qwen2ForCausalLM with untied embeddings."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=False, torch_dtype="float32", bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def max_new_tokens_for(cfg: TaskConfig) -> int:
+    """Longest correct solution (in tokens = characters) plus EOS and a margin."""
+    worst = Problem(operands=tuple(10**cfg.n_digits - 1 for _ in range(cfg.n_operands)), n_digits=cfg.n_digits)
+    return sum(max(len(o) for o in opts) + 1 for opts in arith.line_options(worst)) + 8
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str]):
+    """Right-padded input ids and labels (-100 on prompt and padding); response ends with EOS."""
+    import torch
+
+    rows = []
+    for prompt, response in zip(prompts, responses):
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        r = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
+        rows.append((p + r, [-100] * len(p) + r))
+    width = max(len(ids) for ids, _ in rows)
+    ids_BL = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels_BL = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask_BL = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, (ids, labels) in enumerate(rows):
+        ids_BL[b, : len(ids)] = torch.tensor(ids)
+        labels_BL[b, : len(ids)] = torch.tensor(labels)
+        mask_BL[b, : len(ids)] = 1
+    return ids_BL, mask_BL, labels_BL
+
+
+def train_sft(model, tokenizer, batch_fn: Callable[[int], tuple[list[str], list[str]]], spec: TrainSpec,
+              eval_fn: Callable[[], float] | None = None, seed: int = 0, progress: bool = False) -> list[dict]:
+    """Cross-entropy on responses. batch_fn(step) -> (prompts, responses). Returns the eval history
+    [{"step", "seconds", "acc", "loss"}]; stops early once eval accuracy >= spec.stop_at_acc."""
+    import torch
+
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup_steps)
+                                              * (1.0 - (1.0 - spec.final_lr_frac) * s / spec.max_steps))
+    history, t0, c0, losses = [], time.perf_counter(), time.process_time(), []
+    for step in range(1, spec.max_steps + 1):
+        model.train()
+        ids_BL, mask_BL, labels_BL = _encode_examples(tokenizer, *batch_fn(step))
+        loss = model(input_ids=ids_BL, attention_mask=mask_BL, labels=labels_BL).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if eval_fn is not None and (step % spec.eval_every == 0 or step == spec.max_steps):
+            acc = eval_fn()
+            row = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                   "cpu_seconds": round(time.process_time() - c0, 1), "acc": acc,
+                   "loss": round(sum(losses) / len(losses), 4)}
+            losses = []
+            history.append(row)
+            if progress:
+                log.info("train %s", row)
+            if acc >= spec.stop_at_acc:
+                break
+    model.eval()
+    return history
+
+
+# ---------------------------------------------------------------------------------- generation
+
+
+def _load(model_dir_or_model, tokenizer):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    if isinstance(model_dir_or_model, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(model_dir_or_model, dtype="float32")
+        tokenizer = tokenizer or PreTrainedTokenizerFast.from_pretrained(model_dir_or_model)
+    else:
+        model = model_dir_or_model
+    return model.eval(), tokenizer
+
+
+def generate_texts(model_dir_or_model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                   temperature: float = 0.0, batch_size: int = 256, seed: int = 0) -> list[str]:
+    """Completions (text up to, not including, EOS) with transformers; greedy when temperature == 0."""
+    import torch
+
+    model, tokenizer = _load(model_dir_or_model, tokenizer)
+    tokenizer.padding_side = "left"
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start: start + batch_size])
+        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(seed + start)
+        sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 \
+            else {"do_sample": False}
+        with torch.no_grad():
+            gen_BT = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id, **sampling)
+        new_BT = gen_BT[:, enc["input_ids"].shape[1]:]
+        for row in new_BT.tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            out.append(tokenizer.decode([t for t in row if t != tokenizer.pad_token_id]))
+    return out
+
+
+def evaluate(model_dir_or_model, tokenizer, problems: Sequence[Problem], batch_size: int = 256,
+             max_new_tokens: int | None = None) -> float:
+    """Greedy accuracy (the checker on the final answer) with transformers, batched, left padding."""
+    if not problems:
+        return 0.0
+    if max_new_tokens is None:
+        p = problems[0]
+        max_new_tokens = max_new_tokens_for(TaskConfig(n_digits=p.n_digits, n_operands=len(p.operands)))
+    texts = generate_texts(model_dir_or_model, tokenizer, [p.prompt for p in problems], max_new_tokens,
+                           temperature=0.0, batch_size=batch_size)
+    return sum(arith.check(p, t) for p, t in zip(problems, texts)) / len(problems)
+
+
+# ------------------------------------------------------------------------------------- builder
+
+
+def _rendered_batches(problems: Sequence[Problem], batch_size: int, seed: int):
+    """batch_fn over random train problems, each rendered in a random surface form."""
+    rng = random.Random(seed)
+
+    def batch_fn(step: int) -> tuple[list[str], list[str]]:
+        chosen = [rng.choice(problems) for _ in range(batch_size)]
+        return [p.prompt for p in chosen], [arith.render_solution(p, rng) for p in chosen]
+    return batch_fn
+
+
+def _sample_batches(samples: Sequence[tuple[str, str]], batch_size: int, seed: int):
+    """batch_fn over fixed (prompt, response) pairs, e.g. teacher samples."""
+    rng = random.Random(seed)
+
+    def batch_fn(step: int) -> tuple[list[str], list[str]]:
+        chosen = [rng.choice(samples) for _ in range(batch_size)]
+        return [c[0] for c in chosen], [c[1] for c in chosen]
+    return batch_fn
+
+
+def sample_teacher(teacher, tokenizer, problems: Sequence[Problem], cfg: BuildConfig, seed: int) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs sampled from the teacher at cfg.sample_temperature."""
+    prompts = [p.prompt for p in problems]
+    texts = generate_texts(teacher, tokenizer, prompts, max_new_tokens_for(cfg.task),
+                           temperature=cfg.sample_temperature, seed=seed)
+    return list(zip(prompts, texts))
+
+
+def _build(out: Path, cfg: BuildConfig, seed: int, progress: bool) -> dict:
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    task = TaskConfig(n_digits=cfg.task.n_digits, n_operands=cfg.task.n_operands, seed=seed)
+    splits = arith.make_splits(task, cfg.n_train, cfg.n_val, cfg.n_test)
+    for name, problems in splits.items():
+        arith.write_jsonl(problems, out / f"{name}.jsonl")
+    tokenizer = build_tokenizer()
+    val_small = splits["val"][: cfg.n_eval_during_training]
+
+    teacher = build_model(cfg.teacher, tokenizer, seed)
+    t0 = time.perf_counter()
+    teacher_hist = train_sft(teacher, tokenizer, _rendered_batches(splits["train"], cfg.teacher_train.batch_size, seed),
+                             cfg.teacher_train, lambda: evaluate(teacher, tokenizer, val_small), seed, progress)
+    teacher_seconds = time.perf_counter() - t0
+    teacher_acc = evaluate(teacher, tokenizer, splits["test"])
+    if progress:
+        log.info("teacher: %d params, %.0f s, test acc %.3f", n_params(teacher), teacher_seconds, teacher_acc)
+
+    t0 = time.perf_counter()
+    samples = sample_teacher(teacher, tokenizer, splits["train"][: cfg.n_teacher_samples], cfg, seed)
+    sample_seconds = time.perf_counter() - t0
+    with (out / "teacher_samples.jsonl").open("w") as f:
+        for prompt, completion in samples:
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+    student = build_model(cfg.student, tokenizer, seed + 1)
+    t0 = time.perf_counter()
+    student_hist = train_sft(student, tokenizer, _sample_batches(samples, cfg.student_warmup.batch_size, seed + 1),
+                             cfg.student_warmup, lambda: evaluate(student, tokenizer, val_small), seed + 1, progress)
+    student_seconds = time.perf_counter() - t0
+    student_acc = evaluate(student, tokenizer, splits["test"])
+    if progress:
+        log.info("student: %d params, warm-up %.0f s, test acc %.3f", n_params(student), student_seconds, student_acc)
+
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(out / name, safe_serialization=True)
+        tokenizer.save_pretrained(out / name)
+    info = {
+        "version": CACHE_VERSION, "seed": seed, "config": asdict(cfg),
+        "teacher": {"params": n_params(teacher), "train_seconds": round(teacher_seconds, 1),
+                    "test_acc": teacher_acc, "history": teacher_hist},
+        "teacher_samples": {"n": len(samples), "seconds": round(sample_seconds, 1),
+                            "acc": sum(arith.check(p, c) for p, (_, c) in zip(splits["train"], samples)) / len(samples)},
+        "student": {"params": n_params(student), "warmup_seconds": round(student_seconds, 1),
+                    "test_acc": student_acc, "history": student_hist},
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (out / "build.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _entry(root: Path, info: dict) -> BuiltinModels:
+    return BuiltinModels(teacher_dir=root / "teacher", student_dir=root / "student", data_dir=root,
+                         train_jsonl=root / "train.jsonl", val_jsonl=root / "val.jsonl", test_jsonl=root / "test.jsonl",
+                         teacher_samples_jsonl=root / "teacher_samples.jsonl", info=info)
+
+
+def prepare_builtin(data_dir: Path | None = None, seed: int = 0, progress: bool = True,
+                    config: BuildConfig = BuildConfig()) -> BuiltinModels:
+    """Build the teacher, the warmed-up student and the splits, or reuse them when cached.
+
+    The entry lives in data_dir (default ~/.cache/topd) under builtin-v{version}-seed{seed}
+    (plus a suffix when config differs from the default)."""
+    root = Path(data_dir or os.environ.get("TOPD_DATA_DIR", Path.home() / ".cache" / "topd")).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    key = f"builtin-v{CACHE_VERSION}-seed{seed}"
+    if config != BuildConfig():
+        key += "-" + _config_hash(config)
+    final = root / key
+    if (final / "build.json").exists():
+        return _entry(final, json.loads((final / "build.json").read_text()))
+    with (root / f".{key}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same entry
+        if (final / "build.json").exists():
+            return _entry(final, json.loads((final / "build.json").read_text()))
+        tmp = root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            info = _build(tmp, config, seed, progress)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return _entry(final, info)
+
+
+def _config_hash(config: BuildConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------------- calibration
+
+
+def sft_plateau(entry: BuiltinModels, steps: int = 2000, eval_every: int = 250, lr: float = 2e-3,
+                n_eval: int = 500, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Calibration: continue plain SFT of the warmed-up student on the cached teacher samples
+    and return its accuracy curve on validation problems (the baseline on-policy methods must beat)."""
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.set_num_threads(2)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(entry.student_dir)
+    student = AutoModelForCausalLM.from_pretrained(entry.student_dir, dtype="float32")
+    rows = [json.loads(line) for line in entry.teacher_samples_jsonl.read_text().splitlines()]
+    samples = [(r["prompt"], r["completion"]) for r in rows]
+    val = arith.read_jsonl(entry.val_jsonl)[:n_eval]
+    spec = TrainSpec(max_steps=steps, lr=lr, eval_every=eval_every, warmup_steps=10)
+    return train_sft(student, tokenizer, _sample_batches(samples, spec.batch_size, seed), spec,
+                     lambda: evaluate(student, tokenizer, val), seed, progress)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """python -m services.task.models [prepare|calibrate] [--data-dir D] [--seed S] [--steps N]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("command", choices=["prepare", "calibrate"])
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=2000, help="calibrate: SFT steps")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    entry = prepare_builtin(args.data_dir, args.seed)
+    print(json.dumps({k: v for k, v in entry.info.items() if k != "config"}, indent=1, default=str))
+    if args.command == "calibrate":
+        curve = sft_plateau(entry, steps=args.steps, seed=args.seed)
+        (entry.data_dir / "sft_plateau.json").write_text(json.dumps(curve, indent=1))
+        print(json.dumps(curve, indent=1))
+
+
+if __name__ == "__main__":
+    main()
