@@ -66,10 +66,10 @@ class BuildConfig:
 
     task: TaskConfig = TaskConfig()
     teacher: ModelSpec = ModelSpec(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)
-    student: ModelSpec = ModelSpec(hidden_size=128, num_layers=1, num_heads=2, intermediate_size=256)
+    student: ModelSpec = ModelSpec(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256)
     teacher_train: TrainSpec = TrainSpec(max_steps=600, batch_size=64, lr=2e-3, warmup_steps=30, eval_every=100,
                                          stop_at_acc=0.97)
-    student_warmup: TrainSpec = TrainSpec(max_steps=800, batch_size=32, lr=3e-3, eval_every=50, stop_at_acc=0.3)
+    student_warmup: TrainSpec = TrainSpec(max_steps=1500, batch_size=32, lr=3e-3, eval_every=50, stop_at_acc=0.3)
     n_train: int = 50_000
     n_val: int = 500
     n_test: int = 1000
