@@ -93,7 +93,7 @@ def run_sft(models, work: Path, seed: int, plan: Plan, budget_s: float) -> dict[
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from services.task.models import TrainSpec, _encode_examples, _sample_batches
+    from services.task.models import _encode_examples, _sample_batches
 
     out = work / f"sft-s{seed}"
     shutil.rmtree(out, ignore_errors=True)

@@ -14,7 +14,7 @@ import torch
 from tests.conftest import ref_logprobs
 from tests.procs import service
 from topd_client import InvalidInputError, PreconditionError, RolloutClient
-from topd_client.safetensors_stream import iter_payload, payload_sha256, payload_size
+from topd_client.safetensors_stream import iter_payload
 from topd_client.wire.topd.v1 import rollout_pb2, rollout_pb2_grpc
 
 

@@ -14,7 +14,6 @@ from services.teacher.service import start_teacher
 from services.teacher.settings import TeacherSettings
 from tests.conftest import ref_logprobs
 from topd_client import AuthError, InvalidInputError, TeacherClient
-from topd_client.errors import MalformedTensorError
 from topd_client.wire.topd.v1 import common_pb2, teacher_pb2, teacher_pb2_grpc
 
 

@@ -6,7 +6,6 @@ import logging
 import time
 from typing import Hashable, Iterator
 
-import grpc
 from prometheus_client import CollectorRegistry
 
 from services.common.batcher import BatchStats, DynamicBatcher, Ticket

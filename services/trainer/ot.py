@@ -144,7 +144,7 @@ def sinkhorn_ot(C_NKaKb: Tensor, a: Windows, b: Windows, cfg: OTConfig) -> Tenso
     log_a_NKa = _log_uniform(a.valid_NK().to(dev), a.len_N.to(dev))
     log_b_NKb = _log_uniform(b.valid_NK().to(dev), b.len_N.to(dev))
     M_NKaKb = -C_NKaKb / cfg.eps
-    v_NKb = log_b_NKb
+    u_NKa, v_NKb = log_a_NKa, log_b_NKb
     for it in range(cfg.max_iter):
         lse_rows_NKa = torch.logsumexp(M_NKaKb + v_NKb[:, None, :], dim=2)
         if it % 10 == 9:

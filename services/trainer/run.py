@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -127,7 +126,3 @@ def train(settings: TrainerSettings, on_step: Callable[[int, dict], None] | None
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-
-
-def finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from services.trainer import objective as obj
-from services.trainer.diagnostics import batch_diagnostics
 from services.trainer.ot import OTConfig, Windows, one_hot_embedding, ot_distances
 from services.trainer.settings import TrainerSettings
 from services.trainer.student import gather_token_logprobs, position_logits, unwrap
