@@ -217,3 +217,20 @@ def test_prepare_builtin_smoke(tmp_path):
     again = models.prepare_builtin(tmp_path, seed=1, progress=False, config=cfg)
     assert again.info == entry.info  # reused, not rebuilt
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_tokenizer_survives_autotokenizer_of_a_qwen2_checkpoint(tmp_path):
+    """AutoTokenizer (and vLLM) load a Qwen2 checkpoint's tokenizer as Qwen2Tokenizer; spaces and
+    newlines must survive that, with the same ids as the tokenizer that trained the models."""
+    from transformers import AutoTokenizer
+
+    from services.task.models import ModelSpec, build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(ModelSpec(hidden_size=64, num_layers=1, num_heads=1, intermediate_size=64), tok, 0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Q: 730+836\nby columns\nc1: 6+0=6, 6 c0\nanswer: 1566"
+    assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+    assert loaded.decode(loaded(text)["input_ids"]) == text

@@ -111,6 +111,20 @@ def _add_optional_commands(sub) -> None:
         mod.add_commands(sub)
 
 
+def interrupt_on_signals() -> None:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, so `finally` blocks stop child services.
+
+    Set explicitly: a process started in the background by a non-interactive shell inherits
+    SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    import signal
+
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, _raise)
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

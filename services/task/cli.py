@@ -37,6 +37,9 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from topd_client.cli import interrupt_on_signals
+
+    interrupt_on_signals()
     from services.task.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(quick=args.quick, data_dir=args.data_dir, run_dir=args.run_dir, objective=args.objective,

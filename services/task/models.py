@@ -96,20 +96,37 @@ class BuiltinModels:
 # ----------------------------------------------------------------------------------- tokenizer
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
 def build_tokenizer():
-    """A character-level WordLevel tokenizer over the task's alphabet, as PreTrainedTokenizerFast."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    """One token per character of the task's alphabet, as a byte-level BPE without merges.
+
+    Byte-level, because `AutoTokenizer` (and vLLM) load a Qwen2 checkpoint's tokenizer as
+    `Qwen2Tokenizer`, which imposes a ByteLevel pre-tokenizer: a plain character vocabulary then
+    loses every space and newline. Spelling the vocabulary in byte-level characters (" " is "Ġ",
+    "\n" is "Ċ") gives the same ids whichever class loads it.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    specials = [EOS, PAD, UNK]
-    vocab = {t: i for i, t in enumerate(specials + list(arith.alphabet()))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-                                   clean_up_tokenization_spaces=False, padding_side="left",
-                                   model_max_length=256)
-    return fast
+    b2u = _bytes_to_unicode()
+    chars = [b2u[ord(c)] for c in arith.alphabet()]
+    vocab = {t: i for i, t in enumerate([EOS, PAD, UNK] + chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                   clean_up_tokenization_spaces=False, padding_side="left", model_max_length=256)
 
 
 def build_model(spec: ModelSpec, tokenizer, seed: int):

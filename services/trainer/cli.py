@@ -20,6 +20,9 @@ def add_commands(sub) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from topd_client.cli import interrupt_on_signals
+
+    interrupt_on_signals()
     from services.trainer.run import train
     from services.trainer.settings import load_settings
 
