@@ -44,7 +44,7 @@ class DemoConfig:
 
     @property
     def max_steps(self) -> int:
-        return self.steps if self.steps is not None else (4 if self.quick else 120)
+        return self.steps if self.steps is not None else (4 if self.quick else 100)
 
     @property
     def test_size(self) -> int:
@@ -129,7 +129,7 @@ def _demo_defaults(quick: bool) -> dict[str, Any]:
     """Step sizes tuned for the built-in task on 2 CPU cores (see docs/results.md)."""
     if quick:
         return {"prompts_per_step": 4, "samples_per_prompt": 2, "max_candidates": 8, "window": 8}
-    return {"prompts_per_step": 16, "samples_per_prompt": 4, "max_candidates": 64, "window": 16, "lr": 1e-3,
+    return {"prompts_per_step": 8, "samples_per_prompt": 4, "max_candidates": 32, "window": 16, "lr": 3e-4,
             "adv_clip": 5.0, "warmup_steps": 5}
 
 
