@@ -129,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one line per health poll otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     from topd_client.errors import TopdError
 
     try:
