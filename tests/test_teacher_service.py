@@ -230,3 +230,20 @@ def test_vllm_engine_scores_and_windows_equal_transformers(tiny_model, hf_refere
                 lp = ref_logprobs(hf_reference, np.concatenate([s, w.tokens]))[len(s) - 1:]
                 assert (lp.argmax(-1).numpy() == w.tokens).all()
                 np.testing.assert_allclose(w.logprobs, lp.max(-1).values.numpy(), atol=1e-4)
+
+
+def test_generate_request_split_over_batches_keeps_prompt_order(tiny_model, hf_reference):
+    """A request larger than the token budget runs as several engine batches (and requests of
+    several clients share one): each completion must still be numbered by its own request."""
+    run = start_teacher(TeacherSettings(model=str(tiny_model), grpc_port=0, http_port=0, engine="hf",
+                                        max_batch_tokens=40))
+    try:
+        seqs, _ = _seqs(7, seed=21, lo=8, hi=16)
+        with TeacherClient(f"127.0.0.1:{run.endpoints.grpc_port}") as c:
+            out = c.generate(seqs, max_tokens=4, temperature=0.0)
+        assert [len(g) for g in out] == [1] * 7
+        for s, (w,) in zip(seqs, out):
+            lp = ref_logprobs(hf_reference, np.concatenate([s, w.tokens]))[len(s) - 1:]
+            assert (lp.argmax(-1).numpy() == w.tokens).all()
+    finally:
+        run.stop()

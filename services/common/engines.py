@@ -31,12 +31,13 @@ def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "au
     raise ValueError(f"unknown engine {kind!r}; valid: auto, hf, vllm")
 
 
-def completion_to_wire(out, policy_version: int = 0):
-    """GenOutput -> wire Completion."""
+def completion_to_wire(out, prompt_index: int, policy_version: int = 0):
+    """GenOutput -> wire Completion, numbered by the prompt's index in *its request* (the engine
+    batch it ran in may have merged other requests, or held only part of this one)."""
     from topd_client.tensors import to_wire
     from topd_client.wire.topd.v1 import common_pb2
 
-    msg = common_pb2.Completion(prompt_index=out.prompt_index, sample_index=out.sample_index,
+    msg = common_pb2.Completion(prompt_index=prompt_index, sample_index=out.sample_index,
                                 tokens=to_wire(out.tokens_T, "int32"), logprobs=to_wire(out.logprobs_T, "float32"),
                                 finish_reason=out.finish_reason, policy_version=policy_version)
     if out.topk_ids_Tk.shape[-1] > 0:

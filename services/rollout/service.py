@@ -154,7 +154,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
                                           [(len(p) + spec.max_tokens) * spec.n for p in prompts], deadline_of(context))
         context.add_callback(ticket.cancel)
         groups = ticket.results()
-        out = [completion_to_wire(o, version) for g in groups for o, version in g]
+        out = [completion_to_wire(o, i, version) for i, g in enumerate(groups) for o, version in g]
         self.core.stats.record(method, ticket.client_id, sum(len(o.tokens_T) for g in groups for o, _ in g),
                                time.monotonic() - start)
         return common_pb2.GenerateResponse(completions=out)

@@ -152,7 +152,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                                           [(len(p) + spec.max_tokens) * spec.n for p in prompts], deadline_of(context))
         context.add_callback(ticket.cancel)
         groups = ticket.results()
-        completions = [completion_to_wire(o) for group in groups for o in group]
+        completions = [completion_to_wire(o, i) for i, group in enumerate(groups) for o in group]
         self.core.stats.record("Generate", ticket.client_id, sum(len(o.tokens_T) for g in groups for o in g),
                                time.monotonic() - start)
         return common_pb2.GenerateResponse(completions=completions)
