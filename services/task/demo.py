@@ -44,7 +44,7 @@ class DemoConfig:
 
     @property
     def max_steps(self) -> int:
-        return self.steps if self.steps is not None else (4 if self.quick else 100)
+        return self.steps if self.steps is not None else (4 if self.quick else 60)
 
     @property
     def test_size(self) -> int:
