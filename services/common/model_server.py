@@ -1,0 +1,147 @@
+"""What the teacher and rollout services share: settings, engine lifecycle, the batched generate
+path, GetInfo, /status, and startup. Each service adds only its own RPCs (Score; Sample,
+Continue and UpdateWeights)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Hashable, Literal
+
+import grpc
+from prometheus_client import CollectorRegistry
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings
+
+from services.common import validation
+from services.common.batcher import BatchStats, DynamicBatcher
+from services.common.engine import Engine, SamplingSpec
+from services.common.engines import completion_to_wire, load_engine
+from services.common.grpc_server import client_id_of, deadline_of
+from services.common.metrics import TrafficStats
+from services.common.runner import ServiceRun, start_service
+from services.common.status_app import ServiceState
+from topd_client.errors import InvalidInputError, UnavailableError
+from topd_client.wire.topd.v1 import common_pb2
+
+
+class ModelServerSettings(BaseSettings):
+    """Fields every model server has; subclasses set the env prefix and their own defaults."""
+
+    model: str = Field(..., description="Local path, Hugging Face id, or builtin:teacher / builtin:student")
+    host: str = Field("127.0.0.1", description="Address to bind (0.0.0.0 in containers)")
+    grpc_port: int = Field(..., description="gRPC port (0 = any free port)")
+    http_port: int = Field(..., description="REST status port (0 = any free port)")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto = bf16 on GPU, fp32 on CPU")
+    max_top_k: int = Field(64, description="Largest top-k a caller may ask for")
+    max_seq_len: int | None = Field(None, description="Cap on prompt + response length (default: the model's)")
+    max_batch_tokens: int = Field(32768, description="Token budget of one merged batch")
+    max_wait_ms: float = Field(5.0, description="How long the batcher waits for a batch to fill")
+    max_queue_items: int = Field(8192, description="Items waiting before RESOURCE_EXHAUSTED")
+    max_message_mb: int = Field(256, description="gRPC send/receive message limit (MiB)")
+    auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
+                                   description="Shared token; when set every RPC needs 'authorization: Bearer <token>'")
+    seed: int = Field(0, description="Engine seed")
+    kv_cache_mb: int | None = Field(None, description="vLLM KV cache size in MiB (default: 64 on CPU; on GPU sized "
+                                                      "from gpu_memory_utilization)")
+    gpu_memory_utilization: float = Field(0.4, description="Fraction of GPU memory vLLM may take (teacher and "
+                                                            "rollout on one GPU must add up to < 1 with room for the trainer)")
+
+
+class ModelServerCore:
+    """Engine + batcher + traffic stats; no gRPC in here (testable on its own).
+
+    Every engine call runs under `engine_lock` and reports `version`, so a weight update (rollout)
+    lands between batches: a batch in flight finishes on the weights it started with.
+    """
+
+    role = "model"
+
+    def __init__(self, settings: ModelServerSettings, registry: CollectorRegistry) -> None:
+        self.settings = settings
+        self.engine: Engine | None = None
+        self.version = 0
+        self.engine_lock = threading.Lock()
+        self.stats = TrafficStats(registry)
+        self.batcher = DynamicBatcher(self._run_batch, max_batch_tokens=settings.max_batch_tokens,
+                                      max_wait_s=settings.max_wait_ms / 1000, max_queue_items=settings.max_queue_items,
+                                      on_batch=self._on_batch)
+
+    def load(self) -> None:
+        s = self.settings
+        self.engine = load_engine(s.engine, s.model, device=s.device, dtype=s.dtype, max_top_k=s.max_top_k,
+                                  max_seq_len=s.max_seq_len, seed=s.seed, kv_cache_mb=s.kv_cache_mb,
+                                  gpu_memory_utilization=s.gpu_memory_utilization)
+
+    def require_engine(self) -> Engine:
+        if self.engine is None:
+            raise UnavailableError(f"{self.role} model is still loading; retry shortly")
+        return self.engine
+
+    def close(self) -> None:
+        self.batcher.close()
+        if self.engine is not None:
+            self.engine.close()
+
+    def _run_batch(self, key: Hashable, payloads: list) -> list:
+        """Generate batches: per payload, its completions with the version that produced them."""
+        spec: SamplingSpec = key[1]
+        with self.engine_lock:
+            version = self.version
+            outs = self.require_engine().generate(payloads, spec)
+        grouped: list[list] = [[] for _ in payloads]
+        for o in outs:
+            grouped[o.prompt_index].append((o, version))
+        return grouped
+
+    def _on_batch(self, stats: BatchStats) -> None:
+        self.stats.record_batch(stats.tokens)
+        self.stats.queue_depth.set(self.batcher.depth)
+
+    def generate(self, method: str, prompts: list, params: common_pb2.SamplingParams,
+                 context: grpc.ServicerContext) -> common_pb2.GenerateResponse:
+        """Validate sampling, queue the prompts for batching, pack the completions."""
+        start = time.monotonic()
+        if not prompts:
+            raise InvalidInputError(f"empty batch: {method} got no prompts")
+        meta = self.require_engine().meta
+        spec = validation.sampling_spec(params, meta, self.settings.max_top_k, max(len(p) for p in prompts))
+        ticket = self.batcher.submit(client_id_of(context), ("generate", spec), prompts,
+                                     [(len(p) + spec.max_tokens) * spec.n for p in prompts], deadline_of(context))
+        context.add_callback(ticket.cancel)
+        groups = ticket.results()
+        out = [completion_to_wire(o, i, version) for i, g in enumerate(groups) for o, version in g]
+        self.stats.record(method, ticket.client_id, sum(len(o.tokens_T) for g in groups for o, _ in g),
+                          time.monotonic() - start)
+        return common_pb2.GenerateResponse(completions=out)
+
+    def model_info(self) -> common_pb2.ModelInfo:
+        m = self.require_engine().meta
+        return common_pb2.ModelInfo(model=m.model, revision=m.revision, vocab_size=m.vocab_size,
+                                    max_seq_len=m.max_seq_len, dtype=m.dtype, engine=m.engine, device=m.device,
+                                    tokenizer_fingerprint=m.tokenizer_fingerprint, eos_token_id=m.eos_token_id,
+                                    max_top_k=self.settings.max_top_k, policy_version=self.version)
+
+    def status(self) -> dict[str, Any]:
+        meta = self.engine.meta if self.engine is not None else None
+        return {
+            "model": self.settings.model if meta is None else meta.model,
+            "engine": None if meta is None else meta.engine,
+            "device": None if meta is None else meta.device,
+            "dtype": None if meta is None else meta.dtype,
+            "queue_depth": self.batcher.depth,
+            **self.stats.snapshot(),
+        }
+
+
+def start_model_server(name: str, core: ModelServerCore, registry: CollectorRegistry, servicer: Any,
+                       add_servicer: Callable[[Any, grpc.Server], None], service_name: str) -> ServiceRun:
+    """Bind HTTP + gRPC, load the engine, mark ready; returns once the service can serve."""
+    s = core.settings
+    run = start_service(
+        ServiceState(name, registry, core.status), host=s.host, grpc_port=s.grpc_port, http_port=s.http_port,
+        add_servicers=[lambda server: add_servicer(servicer, server)], service_names=[service_name],
+        max_message_bytes=s.max_message_mb << 20, auth_token=s.auth_token, load=core.load)
+    run.on_stop.append(core.close)
+    return run
