@@ -188,3 +188,53 @@ def test_sampling_racing_an_update_is_consistent(served):
             if c.policy_version == version:
                 _check_sample_logprobs(model, prompt, c)
     model.load_state_dict(new, strict=False)
+
+
+def test_weights_cast_to_the_serving_dtype_before_the_push_serve_identically(tiny_model, tmp_path):
+    """The trainer casts its float32 weights to the rollout's dtype before pushing (half the bytes
+    for bfloat16); the rollout would round them the same way itself, so it serves identical logprobs."""
+    from services.trainer.student import named_weights, serving_dtype
+
+    model = _load(tiny_model)
+    new = _perturbed(model, seed=11)
+    model.load_state_dict(new, strict=False)
+    with service("rollout", tiny_model, tmp_path, "--engine", "hf", "--dtype", "bfloat16") as proc:
+        client = RolloutClient(proc.address, retries=0)
+        dtype = serving_dtype(client.info().dtype)
+        assert dtype is torch.bfloat16
+        outs = []
+        for version, weights in ((1, named_weights(model)), (2, named_weights(model, dtype))):
+            assert all(t.dtype == (dtype if version == 2 else torch.float32) for t in weights.values())
+            client.update_weights(weights, version=version)
+            outs.append(client.continue_from(PROMPTS, max_tokens=6, temperature=0.0, top_k=4))
+        for (a,), (b,) in zip(*outs):
+            np.testing.assert_array_equal(a.tokens, b.tokens)
+            np.testing.assert_array_equal(a.logprobs, b.logprobs)
+            np.testing.assert_array_equal(a.topk_logprobs, b.topk_logprobs)
+        assert outs[1][0][0].policy_version == 2
+
+
+def test_serving_dtype_names() -> None:
+    from services.trainer.student import serving_dtype
+
+    assert serving_dtype("bfloat16") is torch.bfloat16 and serving_dtype("float32") is torch.float32
+    assert serving_dtype("int8") is None and serving_dtype("auto") is None and serving_dtype("") is None
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 4 << 20])
+def test_streamed_payload_is_valid_safetensors_in_bounded_chunks(chunk_bytes: int) -> None:
+    from safetensors.torch import load
+
+    from topd_client.safetensors_stream import payload_sha256, payload_size
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
+               "empty": torch.zeros(0, 4), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3)[:, ::2]}
+    chunks = list(iter_payload(tensors, chunk_bytes))
+    payload = b"".join(chunks)
+    assert all(0 < len(c) for c in chunks) and all(len(c) <= chunk_bytes for c in chunks[1:])
+    assert len(payload) == payload_size(tensors) and hashlib.sha256(payload).hexdigest() == payload_sha256(tensors)
+    back = load(payload)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t.contiguous())

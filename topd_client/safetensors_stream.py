@@ -43,25 +43,13 @@ def payload_size(tensors: Mapping[str, "torch.Tensor"]) -> int:
 
 
 def iter_payload(tensors: Mapping[str, "torch.Tensor"], chunk_bytes: int = 4 << 20) -> Iterator[bytes]:
-    """The safetensors payload in chunks of at most `chunk_bytes` (one tensor in memory at a time)."""
-    buf = bytearray(_header(tensors))
+    """The safetensors payload in chunks of at most `chunk_bytes`: the header, then each tensor's
+    bytes sliced straight from the tensor (one copy per byte; one tensor in memory at a time)."""
+    yield _header(tensors)
     for t in tensors.values():
         data = _tensor_bytes(t)
-        pos = 0
-        while True:
-            while len(buf) >= chunk_bytes:
-                yield bytes(buf[:chunk_bytes])
-                del buf[:chunk_bytes]
-            if pos >= len(data):
-                break
-            take = min(chunk_bytes - len(buf), len(data) - pos)
-            buf += data[pos:pos + take]
-            pos += take
-    while len(buf) > chunk_bytes:
-        yield bytes(buf[:chunk_bytes])
-        del buf[:chunk_bytes]
-    if buf:
-        yield bytes(buf)
+        for pos in range(0, len(data), chunk_bytes):
+            yield data[pos:pos + chunk_bytes].tobytes()
 
 
 def payload_sha256(tensors: Mapping[str, "torch.Tensor"]) -> str:

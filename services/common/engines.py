@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+
 from services.common.engine import Engine
 from services.common.model_files import resolve_device, resolve_model
+
+log = logging.getLogger(__name__)
 
 
 def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "auto", max_top_k: int = 64,
                 max_seq_len: int | None = None, seed: int = 0, kv_cache_mb: int | None = None,
                 gpu_memory_utilization: float = 0.4) -> Engine:
-    """`auto` = vLLM on a GPU, transformers on a CPU (a torch forward scored ~25x faster than vLLM's
-    prompt_logprobs here)."""
+    """`auto` = vLLM on a GPU when it is installed, else transformers (on a CPU a torch forward scored
+    ~25x faster than vLLM's prompt_logprobs here)."""
     path = resolve_model(model)
     dev = resolve_device(device)
     if kind == "auto":
-        kind = "vllm" if dev.startswith("cuda") else "hf"
+        kind = "vllm" if dev.startswith("cuda") and importlib.util.find_spec("vllm") is not None else "hf"
+        if dev.startswith("cuda") and kind == "hf":
+            log.warning("engine auto: vLLM is not installed, serving on transformers (pip install vllm for speed)")
     if kind == "hf":
         from services.common.engine_hf import HFEngine
 

@@ -52,15 +52,20 @@ def receive(chunks: Iterable[rollout_pb2.WeightChunk], current_version: int) -> 
             except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt checkpoint
                 raise InvalidInputError(f"checkpoint {f}: unreadable safetensors ({exc})") from exc
         return WeightUpdate(head.version, tensors, None, str(path))
-    buf = bytearray(head.data)
+    # Hashed chunk by chunk as it arrives, joined once (safetensors wants bytes, not a bytearray).
+    sha, parts = hashlib.sha256(head.data), [head.data]
     for chunk in it:
-        buf += chunk.data
-    if head.total_bytes and len(buf) != head.total_bytes:
-        raise InvalidInputError(f"truncated update: received {len(buf)} of {head.total_bytes} bytes")
-    digest = hashlib.sha256(buf).hexdigest()
+        data = chunk.data  # one access: each one copies out of the message
+        sha.update(data)
+        parts.append(data)
+    received = sum(map(len, parts))
+    if head.total_bytes and received != head.total_bytes:
+        raise InvalidInputError(f"truncated update: received {received} of {head.total_bytes} bytes")
+    digest = sha.hexdigest()
     if head.sha256 and digest != head.sha256.lower():
         raise InvalidInputError(f"corrupt update: sha256 {digest[:12]}... does not match {head.sha256[:12]}...")
-    payload = bytes(buf)
+    payload = b"".join(parts)
+    del parts
     try:
         tensors = load(payload)
     except Exception as exc:  # noqa: BLE001

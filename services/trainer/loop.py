@@ -25,7 +25,7 @@ from services.trainer import objective as obj
 from services.trainer import step as st
 from services.trainer.data import PromptStream, generic_check, load_dataset_records, read_jsonl
 from services.trainer.settings import TrainerSettings
-from services.trainer.student import load_student, named_weights, unwrap
+from services.trainer.student import load_student, named_weights, serving_dtype, unwrap
 from topd_client import RolloutClient, TeacherClient
 from topd_client.errors import TokenizerMismatchError
 
@@ -54,6 +54,7 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         self.nonfinite_steps = 0
         self.pushed_version = 0
+        self.push_dtype: torch.dtype | None = None  # the rollout's serving dtype, read in connect()
         self.started = time.time()
         self.step_times: list[float] = []
         self.student_path = resolve_model(settings.student_model)
@@ -130,12 +131,13 @@ class Trainer:
                     f"{info.tokenizer_fingerprint[:16]}..., student {self.student_path} has {mine[:16]}...; "
                     f"logprobs over different vocabularies are not comparable (override: allow_tokenizer_mismatch)")
         self.pushed_version = rollout_info.policy_version
+        self.push_dtype = serving_dtype(rollout_info.dtype)
 
     def push_weights(self) -> None:
         """Make rollout serve exactly the trainer's weights (fresh start, resume): a rollout that
         outlived an earlier run may hold other weights."""
         version = self.pushed_version + 1
-        self.rollout.update_weights(named_weights(self.model), version)
+        self.rollout.update_weights(named_weights(self.model, self.push_dtype), version)
         self.pushed_version = version
 
     # ------------------------------------------------------------------- run
@@ -212,7 +214,7 @@ class Trainer:
         timer.phase_s["train"] = time.perf_counter() - t0
         self.phase = "sync"
         version = max(step, self.pushed_version + 1)
-        timer("sync", self.rollout.update_weights, named_weights(self.model), version)
+        timer("sync", lambda: self.rollout.update_weights(named_weights(self.model, self.push_dtype), version))
         self.pushed_version = version
         _, opd_m = obj.opd_loss(obj.OPDInputs(logp_new_BT, sampler_BT, teacher_BT, mask_BT, weights_BT),
                                 obj.OPDConfig(adv_clip=s.adv_clip, kl_discount=s.kl_discount,

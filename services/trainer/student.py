@@ -59,6 +59,18 @@ def gather_token_logprobs(logits_BTV: Tensor, ids_BT: Tensor) -> Tensor:
     return torch.log_softmax(logits_BTV, dim=-1).gather(-1, ids_BT[..., None].long()).squeeze(-1)
 
 
-def named_weights(model: torch.nn.Module) -> dict[str, Tensor]:
-    """Parameters (tied ones once) detached, as the rollout service expects them."""
-    return {n: p.detach() for n, p in unwrap(model).named_parameters()}
+def named_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Parameters (tied ones once) as the rollout service expects them: on CPU, in one copy each.
+
+    `dtype` is the rollout's serving dtype: the rollout rounds to it on load anyway (the same
+    round-to-nearest cast), so casting here gives the same weights in half the bytes for bfloat16
+    (measured on an H100: the weight push was half of a step's time in float32).
+    """
+    return {n: p.detach().to("cpu", dtype=dtype if dtype is not None and p.is_floating_point() else None)
+            for n, p in unwrap(model).named_parameters()}
+
+
+def serving_dtype(name: str) -> torch.dtype | None:
+    """A service's reported dtype name as a torch floating dtype (None for anything else)."""
+    dtype = getattr(torch, name, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
