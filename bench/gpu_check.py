@@ -235,7 +235,7 @@ class Service:
         with open(self.log, "w") as out:
             popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                      env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        self.proc = Proc(popen, grpc_port, http_port, self.log)
+        self.proc = Proc(grpc_port, http_port, popen, self.log)
         self.startup_s: float | None = None
 
     @property

