@@ -36,13 +36,14 @@ project=topd-smoke
 image=topd:cpu-smoke
 status_url=http://127.0.0.1:8003/status
 workdir=$(mktemp -d "${TMPDIR:-/tmp}/topd-smoke.XXXXXX")
-dockerd_pid="" server_pid=""
+dockerd_pid="" server_pid="" up_pid=""
 compose=()
 
 log() { echo "smoke: $*" >&2; }
 
 cleanup() {
   local rc=$?
+  if [[ -n $up_pid ]]; then kill "$up_pid" 2>/dev/null || true; fi
   if [[ ${#compose[@]} -gt 0 ]]; then
     if [[ $rc -ne 0 ]]; then "${compose[@]}" logs --tail 80 >&2 || true; fi
     "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
@@ -112,8 +113,12 @@ docker build --network host -f deploy/Dockerfile -t "$image" \
   - <"$workdir/context.tar"
 
 # --- the stack ------------------------------------------------------------------------------------
+# `up -d` itself waits for each dependency's condition (prepare done, teacher and rollout healthy), so
+# it runs in the background while the loop below watches for the first step, a service that crashed
+# (exited non-zero, or restarting: the services restart unless stopped) and `up` failing.
 log "starting the cpu profile on the host network"
-TOPD_IMAGE_CPU=$image "${compose[@]}" up -d --no-build --pull never
+TOPD_IMAGE_CPU=$image "${compose[@]}" up -d --no-build --pull never >"$workdir/up.log" 2>&1 &
+up_pid=$!
 
 deadline=$((SECONDS + timeout_s))
 while :; do
@@ -130,8 +135,12 @@ EOF
     break
   fi
   failed=$(TOPD_IMAGE_CPU=$image "${compose[@]}" ps -a --format '{{.Service}} {{.ExitCode}} {{.State}}' \
-    | awk '$3 == "exited" && $2 != 0 {print $1}')
-  if [[ -n $failed ]]; then log "exited with an error: $failed"; exit 1; fi
+    | awk '$3 == "restarting" || ($3 == "exited" && $2 != 0) {print $1}')
+  if [[ -n $failed ]]; then log "crashed: $failed"; exit 1; fi
+  if [[ -n $up_pid ]] && ! kill -0 "$up_pid" 2>/dev/null; then
+    if ! wait "$up_pid"; then cat "$workdir/up.log" >&2; log "compose up failed"; exit 1; fi
+    up_pid=""
+  fi
   if [[ $SECONDS -ge $deadline ]]; then log "no training step within ${timeout_s}s"; exit 1; fi
   sleep 10
 done
