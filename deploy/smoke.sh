@@ -136,6 +136,9 @@ EOF
   fi
   failed=$(TOPD_IMAGE_CPU=$image "${compose[@]}" ps -a --format '{{.Service}} {{.ExitCode}} {{.State}}' \
     | awk '$3 == "restarting" || ($3 == "exited" && $2 != 0) {print $1}')
+  # a service that exits and is restarted between two polls shows "running": count restarts too
+  failed+=$(docker ps -aq --filter "label=com.docker.compose.project=$project" \
+    | xargs -r docker inspect -f '{{.Name}} {{.RestartCount}}' | awk '$2 > 0 {print " " $1}')
   if [[ -n $failed ]]; then log "crashed: $failed"; exit 1; fi
   if [[ -n $up_pid ]] && ! kill -0 "$up_pid" 2>/dev/null; then
     if ! wait "$up_pid"; then cat "$workdir/up.log" >&2; log "compose up failed"; exit 1; fi

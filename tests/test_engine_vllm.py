@@ -234,3 +234,29 @@ def test_load_weights_refuses_partial_updates(engine, models):
         engine.load_weights({**state, name: state[name][:8]})
     with pytest.raises(ValueError, match="unknown"):
         engine.load_weights({**state, "model.extra.weight": torch.zeros(2)})
+
+
+def test_vllm_engine_death_becomes_a_fatal_unavailable_error():
+    """vLLM's EngineDeadError leaves the engine methods as topd's EngineDeadError (UNAVAILABLE on the
+    wire, and the service exits: see test_rollout_service's dead-engine test); other errors pass."""
+    from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+    from services.common.engine import EngineDeadError
+    from services.common.engine_vllm import _fatal_if_engine_died
+    from topd_client import UnavailableError
+
+    @_fatal_if_engine_died
+    def dies():
+        raise VLLMEngineDeadError()
+
+    @_fatal_if_engine_died
+    def bad_input():
+        raise ValueError("not fatal")
+
+    with pytest.raises(EngineDeadError) as info:
+        dies()
+    assert isinstance(info.value, UnavailableError) and isinstance(info.value.__cause__, VLLMEngineDeadError)
+    with pytest.raises(ValueError, match="not fatal"):
+        bad_input()
+    for name in ("score", "generate", "load_weights", "load_weights_bytes", "load_checkpoint_dir"):
+        assert getattr(VLLMEngine, name).__wrapped__, name

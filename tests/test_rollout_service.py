@@ -238,3 +238,56 @@ def test_streamed_payload_is_valid_safetensors_in_bounded_chunks(chunk_bytes: in
     assert back.keys() == tensors.keys()
     for name, t in tensors.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t.contiguous())
+
+
+def test_a_dead_engine_makes_the_service_unready_and_exit(tiny_model, monkeypatch):
+    """Once the engine is dead (vLLM's engine process gone), the caller gets UNAVAILABLE (it retries),
+    /readyz and gRPC health turn to not serving, and `wait()` returns with the failure so the process
+    exits non-zero and compose / Kubernetes restart it, instead of a "healthy" service failing
+    every request (seen in the first real docker compose run)."""
+    import httpx
+
+    from services.common.engine import EngineDeadError
+    from services.common.engine_hf import HFEngine
+    from services.rollout.service import start_rollout
+    from services.rollout.settings import RolloutSettings
+    from topd_client import UnavailableError
+
+    def dead(self, prompts, spec):
+        raise EngineDeadError("engine core process died")
+
+    monkeypatch.setattr(HFEngine, "generate", dead)
+    run = start_rollout(RolloutSettings(model=str(tiny_model), engine="hf", grpc_port=0, http_port=0))
+    waiter = threading.Thread(target=run.wait)
+    try:
+        waiter.start()
+        assert httpx.get(f"http://127.0.0.1:{run.endpoints.http_port}/readyz").status_code == 200
+        with RolloutClient(f"127.0.0.1:{run.endpoints.grpc_port}", retries=0) as client:
+            with pytest.raises(UnavailableError, match="engine core process died"):
+                client.sample(PROMPTS, max_tokens=4)
+        waiter.join(timeout=30)
+        assert not waiter.is_alive(), "wait() did not return after the engine died"
+        assert run.failure and "engine core process died" in run.failure
+        assert run.state.ready is False and "failed" in run.state.not_ready_reason
+    finally:
+        run.stop()
+        waiter.join(timeout=30)
+
+
+def test_fail_turns_health_to_not_serving_before_the_stop(tiny_model):
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.rollout.service import start_rollout
+    from services.rollout.settings import RolloutSettings
+
+    run = start_rollout(RolloutSettings(model=str(tiny_model), engine="hf", grpc_port=0, http_port=0))
+    try:
+        run.fail("test: engine gone")
+        r = httpx.get(f"http://127.0.0.1:{run.endpoints.http_port}/readyz")
+        assert r.status_code == 503 and "engine gone" in r.json()["reason"]
+        with grpc.insecure_channel(f"127.0.0.1:{run.endpoints.grpc_port}") as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        run.stop()

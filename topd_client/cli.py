@@ -22,7 +22,7 @@ def _serve(settings_cls_path: str, start_path: str) -> Callable[[argparse.Namesp
         e = service.endpoints
         logging.getLogger("topd").info("ready: grpc %s:%s, http %s:%s", e.host, e.grpc_port, e.host, e.http_port)
         service.wait()
-        return 0
+        return 1 if service.failure else 0  # non-zero: a supervisor restarts the service
     return run
 
 

@@ -14,6 +14,14 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
+from topd_client.errors import UnavailableError
+
+
+class EngineDeadError(UnavailableError):
+    """The engine can serve nothing more (vLLM's engine process died). Callers get UNAVAILABLE and
+    retry; the service exits non-zero so that its supervisor (compose, Kubernetes) restarts it,
+    instead of staying "ready" while failing every request."""
+
 
 @dataclass(frozen=True)
 class SamplingSpec:

@@ -31,20 +31,37 @@ which building the engine itself takes well under a second.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from services.common.engine import EngineMeta, GenOutput, SamplingSpec, ScoreOutput
+from services.common.engine import EngineDeadError, EngineMeta, GenOutput, SamplingSpec, ScoreOutput
 from services.common.fingerprint import tokenizer_fingerprint
 from services.common.model_files import model_revision, resolve_device, resolve_dtype
 
 WORKER_EXTENSION = "services.common.vllm_worker.TopdWorkerExtension"
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _fatal_if_engine_died(method: _F) -> _F:
+    """vLLM's EngineDeadError -> topd's EngineDeadError: once vLLM's engine process is gone every
+    later call fails too, so the service has to exit and be restarted (seen in a container whose
+    sampler could not compile: the service stayed healthy and answered INTERNAL to everything)."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        try:
+            return method(*args, **kwargs)
+        except VLLMEngineDeadError as exc:
+            raise EngineDeadError(f"vLLM's engine died ({exc}); see the log above for its cause") from exc
+    return wrapper  # type: ignore[return-value]
 
 
 class VLLMEngine:
@@ -93,6 +110,7 @@ class VLLMEngine:
         self._max_batched_tokens = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
 
     # ------------------------------------------------------------------ scoring
+    @_fatal_if_engine_died
     def score(self, sequences: Sequence[np.ndarray], response_starts: Sequence[int], top_k: int,
               temperature: float = 1.0) -> list[ScoreOutput]:
         """log-softmax(logits / temperature) at every response position, plus its top-k.
@@ -122,6 +140,7 @@ class VLLMEngine:
                 for out, start in zip(outputs, response_starts)]
 
     # ------------------------------------------------------------------ sampling
+    @_fatal_if_engine_died
     def generate(self, prompts: Sequence[np.ndarray], spec: SamplingSpec) -> list[GenOutput]:
         """spec.n continuations per prompt, ordered by (prompt_index, sample_index).
 
@@ -172,6 +191,7 @@ class VLLMEngine:
         """Tensors the checkpoint stores, HF names (a tied lm_head is not stored, so not listed)."""
         return dict(self._weight_shapes)
 
+    @_fatal_if_engine_died
     def load_weights(self, tensors: Mapping[str, Any]) -> None:
         """Replace every weight in place from HF-named tensors (the full `weight_shapes` set).
 
@@ -187,6 +207,7 @@ class VLLMEngine:
         self._check_update({n: tuple(t.shape) for n, t in payload.items()})
         self._send_payload(save(payload))
 
+    @_fatal_if_engine_died
     def load_weights_bytes(self, payload: bytes) -> None:
         """Replace every weight in place from a safetensors payload (HF names, the full `weight_shapes` set).
 
@@ -220,6 +241,7 @@ class VLLMEngine:
         self.llm.collective_rpc("topd_load_safetensors", args=(payload,))
         self._reset_prefix_cache()
 
+    @_fatal_if_engine_died
     def load_checkpoint_dir(self, path: str | Path) -> None:
         """Replace every weight in place from the safetensors files in `path` (same architecture)."""
         self._check_update(checkpoint_shapes(path))

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.engine import EngineDeadError
 from topd_client.errors import (AuthError, InvalidInputError, OverloadedError, PreconditionError,
                                 UnavailableError)
 
@@ -62,7 +63,9 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
 def grpc_errors(method: Callable) -> Callable:
     """Map topd errors raised in a servicer method to gRPC status codes (unary and streaming)."""
 
-    def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    def _abort(servicer: Any, context: grpc.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, EngineDeadError) and callable(getattr(servicer, "on_engine_dead", None)):
+            servicer.on_engine_dead(str(exc))  # the service exits to be restarted; this caller retries
         for cls, code in _STATUS_OF:
             if isinstance(exc, cls):
                 context.abort(code, str(exc))
@@ -77,7 +80,7 @@ def grpc_errors(method: Callable) -> Callable:
             except grpc.RpcError:
                 raise
             except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                _abort(context, exc)
+                _abort(self, context, exc)
         return stream_wrapper
 
     @functools.wraps(method)
@@ -87,7 +90,7 @@ def grpc_errors(method: Callable) -> Callable:
         except grpc.RpcError:
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
-            _abort(context, exc)
+            _abort(self, context, exc)
     return wrapper
 
 

@@ -144,4 +144,5 @@ def start_model_server(name: str, core: ModelServerCore, registry: CollectorRegi
         add_servicers=[lambda server: add_servicer(servicer, server)], service_names=[service_name],
         max_message_bytes=s.max_message_mb << 20, auth_token=s.auth_token, load=core.load)
     run.on_stop.append(core.close)
+    servicer.on_engine_dead = run.fail  # see grpc_server.grpc_errors
     return run

@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 
@@ -28,20 +28,25 @@ class Endpoints:
 
 @dataclass
 class ServiceRun:
-    """A started service: `.stop()` shuts it down; `.wait()` blocks until a signal or stop."""
+    """A started service: `.stop()` shuts it down; `.wait()` blocks until a signal, `stop()` or `fail()`."""
 
     endpoints: Endpoints
     state: ServiceState
     grpc_server: grpc.Server | None
     http: HttpServer
+    health: Any = None  # grpc_health's HealthServicer (None without gRPC)
+    service_names: list[str] = field(default_factory=list)
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    failure: str | None = None  # why the service gave up (`fail`); the process then exits non-zero
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Event = field(default_factory=threading.Event)
 
     def stop(self, grace: float = 2.0) -> None:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.state.set_ready(False, "stopping")
+        self._wake.set()
+        self.state.set_ready(False, f"failed: {self.failure}" if self.failure else "stopping")
         if self.grpc_server is not None:
             self.grpc_server.stop(grace).wait(grace + 1)
         for fn in self.on_stop:
@@ -51,13 +56,23 @@ class ServiceRun:
                 log.exception("error while stopping")
         self.http.stop()
 
+    def fail(self, reason: str) -> None:
+        """Give up after a fatal error (the engine died): not ready and NOT_SERVING at once, and
+        `wait()` returns, so the process exits non-zero and its supervisor restarts it."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("%s: %s; exiting so that it is restarted", self.state.service, reason)
+        self.state.set_ready(False, f"failed: {reason}")
+        if self.health is not None:
+            set_serving(self.health, self.service_names, False)
+        self._wake.set()
+
     def wait(self) -> None:
-        """Serve until SIGTERM/SIGINT (main thread) or `stop()`."""
+        """Serve until SIGTERM/SIGINT (main thread), `stop()` or `fail()`; then stop."""
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._stopped.set())
-        self._stopped.wait()
-        self._stopped.clear()
+                signal.signal(sig, lambda *_: self._wake.set())
+        self._wake.wait()
         self.stop()
 
 
@@ -76,7 +91,7 @@ def start_service(state: ServiceState, *, host: str, grpc_port: int | None, http
         server, bound, health = create_server(add_servicers, names, host=host, port=grpc_port,
                                               max_message_bytes=max_message_bytes, auth_token=auth_token)
         server.start()
-    run = ServiceRun(Endpoints(host, bound, http.port), state, server, http)
+    run = ServiceRun(Endpoints(host, bound, http.port), state, server, http, health, names)
     log.info("%s: http %s:%s%s", state.service, host, http.port, f", grpc {host}:{bound}" if server else "")
     if load is not None:
         state.set_ready(False, "loading")
