@@ -19,9 +19,12 @@ def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "au
     path = resolve_model(model)
     dev = resolve_device(device)
     if kind == "auto":
-        kind = "vllm" if dev.startswith("cuda") and importlib.util.find_spec("vllm") is not None else "hf"
-        if dev.startswith("cuda") and kind == "hf":
-            log.warning("engine auto: vLLM is not installed, serving on transformers (pip install vllm for speed)")
+        kind = "hf"
+        if dev.startswith("cuda"):
+            if importlib.util.find_spec("vllm") is not None:
+                kind = "vllm"
+            else:
+                log.warning("engine auto: vLLM is not installed, serving on transformers (pip install vllm for speed)")
     if kind == "hf":
         from services.common.engine_hf import HFEngine
 

@@ -136,7 +136,10 @@ class Trainer:
     def push_weights(self) -> None:
         """Make rollout serve exactly the trainer's weights (fresh start, resume): a rollout that
         outlived an earlier run may hold other weights."""
-        version = self.pushed_version + 1
+        self._push(self.pushed_version + 1)
+
+    def _push(self, version: int) -> None:
+        """The student's weights, cast to the rollout's serving dtype, as policy `version`."""
         self.rollout.update_weights(named_weights(self.model, self.push_dtype), version)
         self.pushed_version = version
 
@@ -214,8 +217,7 @@ class Trainer:
         timer.phase_s["train"] = time.perf_counter() - t0
         self.phase = "sync"
         version = max(step, self.pushed_version + 1)
-        timer("sync", lambda: self.rollout.update_weights(named_weights(self.model, self.push_dtype), version))
-        self.pushed_version = version
+        timer("sync", self._push, version)
         _, opd_m = obj.opd_loss(obj.OPDInputs(logp_new_BT, sampler_BT, teacher_BT, mask_BT, weights_BT),
                                 obj.OPDConfig(adv_clip=s.adv_clip, kl_discount=s.kl_discount,
                                               advantage_from=s.advantage_from))
