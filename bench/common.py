@@ -106,7 +106,7 @@ def machine_line() -> str:
 
 def build_model(root: Path, name: str, **spec: Any) -> Path:
     """A tiny Qwen2 model + tokenizer under root/name (same vocab_size = same tokenizer)."""
-    from services.common.tiny_model import TinyModelSpec, build_tiny_model
+    from tests.support.tiny_model import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(root / name, TinyModelSpec(**spec))
 

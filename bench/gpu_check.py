@@ -185,7 +185,7 @@ def synthetic_corpus(lines: int = 4000, seed: int = 0) -> list[str]:
 
 def build_models(root: Path, plan: Plan) -> tuple[Path, Path]:
     """Teacher and student directories: random Qwen2 weights, one shared tokenizer, no hub."""
-    from services.common.tiny_model import build_tokenizer
+    from tests.support.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(plan.vocab_size, corpus=synthetic_corpus())
     return (_build_qwen2(root / "teacher", plan.teacher, tokenizer, plan, seed=1),
@@ -194,21 +194,14 @@ def build_models(root: Path, plan: Plan) -> tuple[Path, Path]:
 
 def _build_qwen2(path: Path, shape: ModelShape, tokenizer: Any, plan: Plan, seed: int) -> Path:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    dtype = "bfloat16" if plan.device == "cuda" else "float32"
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads, max_position_embeddings=plan.max_position_embeddings,
-        tie_word_embeddings=False, dtype=dtype, bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(seed)
-    with torch.device(plan.device):  # initialising 0.65B parameters is seconds on the GPU, a minute on CPU
-        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    del model
+    from tests.support.tiny_model import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec(hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+                         num_layers=shape.num_layers, num_heads=shape.num_heads, num_kv_heads=shape.num_kv_heads,
+                         max_position_embeddings=plan.max_position_embeddings, seed=seed)
+    build_tiny_model(path, spec, tokenizer=tokenizer, dtype="bfloat16" if plan.device == "cuda" else "float32",
+                     device=plan.device, init_std=None)
     if plan.device == "cuda":
         torch.cuda.empty_cache()
     return path
@@ -229,7 +222,7 @@ class Service:
         self.kind, self.engine = kind, engine
         grpc_port, http_port = free_port(), free_port()
         self.log = logs / f"{kind}-{engine}.log"
-        cmd = [sys.executable, "-m", "topd_client.cli", kind, "--model", str(model), "--engine", engine,
+        cmd = [sys.executable, "-m", "services.cli", kind, "--model", str(model), "--engine", engine,
                "--device", device, "--grpc-port", str(grpc_port), "--http-port", str(http_port), *extra]
         self.t0 = time.perf_counter()
         with open(self.log, "w") as out:
@@ -327,8 +320,8 @@ def sample_rate(address: str, work: SampleWork, top_k: int, vocab_size: int, dea
 def train_rate(objective: str, teacher: Service, rollout: Service, student: Path, train_file: Path, run_dir: Path,
                plan: Plan, deadline: float) -> dict:
     """Median time/step of a few `train()` steps (step 1 left out as warm-up), with its breakdown."""
-    from services.trainer.run import train
-    from services.trainer.settings import load_settings
+    from services.trainer import train
+    from services.trainer import load_settings
 
     w = plan.train
     settings = load_settings(

@@ -46,7 +46,7 @@ class Plan:
 def _trainer_settings(models, teacher, rollout, out: Path, method: str, seed: int, plan: Plan, **extra):
     from services.common.launch import free_port
     from services.task.models import max_new_tokens_for
-    from services.trainer.settings import load_settings
+    from services.trainer import load_settings
 
     from services.task.arith import TaskConfig
 
@@ -75,7 +75,7 @@ def _cumulative_times(metrics_file: Path) -> dict[int, float]:
 
 
 def run_on_policy(models, teacher, rollout, work: Path, method: str, seed: int, plan: Plan) -> dict[str, Any]:
-    from services.trainer.run import train
+    from services.trainer import train
 
     out = work / f"{method}-s{seed}"
     shutil.rmtree(out, ignore_errors=True)
@@ -138,7 +138,7 @@ def pick(run: dict[str, Any], steps: int, budget_s: float) -> tuple[Path, Path, 
 
 def probe(models, teacher, rollout, work: Path, student_dir: Path, plan: Plan, tag: str) -> dict[str, float]:
     """One zero-lr topd step on a fixed prompt batch: the detector's view of `student_dir`."""
-    from services.trainer.run import train
+    from services.trainer import train
 
     out = work / f"probe-{tag}"
     shutil.rmtree(out, ignore_errors=True)

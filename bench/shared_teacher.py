@@ -40,7 +40,7 @@ from services.common.launch import Endpoint
 
 # imported once by the fork server, so that each process starts in a fraction of a second
 PRELOAD = ["bench.common", "services.trainer.run", "services.rollout.service", "services.teacher.service",
-           "services.common.tiny_model", "transformers", "transformers.models.qwen2.modeling_qwen2",
+           "tests.support.tiny_model", "transformers", "transformers.models.qwen2.modeling_qwen2",
            "transformers.tokenization_utils_fast", "tokenizers"]
 STUDENT = dict(seed=100, num_layers=1)  # same vocab_size as the teacher = the same tokenizer
 
@@ -102,8 +102,8 @@ def trainer_process(job: Job, barrier: Any) -> None:
     """Start this trainer's rollout, wait for the group, train."""
     from services.rollout.service import start_rollout
     from services.rollout.settings import RolloutSettings
-    from services.trainer.run import train
-    from services.trainer.settings import load_settings
+    from services.trainer import train
+    from services.trainer import load_settings
 
     _child_setup()
     rollout = start_rollout(RolloutSettings(model=job.student, engine="hf", grpc_port=0, http_port=0))

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny local models (no hub here) and services started in-process on port 0."""
+"""Shared fixtures: tiny local models built here (no hub) and an in-process transformers reference."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Untied Qwen2-style model + BPE tokenizer, float32."""
-    from services.common.tiny_model import TinyModelSpec, build_tiny_model
+    from tests.support.tiny_model import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "untied", TinyModelSpec(seed=0))
 
 
 @pytest.fixture(scope="session")
 def tiny_tied_model(tmp_path_factory) -> Path:
-    from services.common.tiny_model import TinyModelSpec, build_tiny_model
+    from tests.support.tiny_model import TinyModelSpec, build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tied", TinyModelSpec(seed=1, tie_word_embeddings=True))
 

@@ -1,41 +1,41 @@
-"""Run by torchrun in test_ddp.py: train, then write this rank's weights digest."""
+"""Run by torchrun in test_ddp.py: train, then write this rank's weights digest (before and after)."""
 
 import hashlib
 import json
+import os
 import sys
 
 import torch
 
-from services.trainer.run import train
-from services.trainer.settings import load_settings
+from services.trainer import load_settings, train
+from services.trainer.state import TrainState
+
+
+def digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def main() -> None:
-    import os
-
     cfg = json.loads(sys.argv[1])
     result_dir = cfg.pop("result_dir")
     rank = int(os.environ["RANK"])
-    captured = {}
+    seen: dict = {}
+    update = TrainState.update
 
-    def on_step(step, metrics):
-        captured["loss"] = metrics["loss"]
+    def recording_update(self, loss, grad_clip, world=1):
+        seen.setdefault("initial", digest(self.model))
+        out = update(self, loss, grad_clip, world)
+        seen["final"], seen["skipped"] = digest(self.model), out[0]
+        return out
 
-    from services.trainer import run as run_mod
-
-    orig = run_mod.Trainer.close
-
-    def close_and_digest(self):
-        h = hashlib.sha256()
-        for name, p in sorted(self.model.named_parameters()):
-            h.update(name.encode())
-            h.update(p.detach().cpu().numpy().tobytes())
-        with open(f"{result_dir}/rank{rank}.json", "w") as f:
-            json.dump({"digest": h.hexdigest(), "loss": captured.get("loss")}, f)
-        orig(self)
-
-    run_mod.Trainer.close = close_and_digest
-    train(load_settings(None, [], **cfg), on_step=on_step)
+    TrainState.update = recording_update
+    train(load_settings(None, [], **cfg), on_step=lambda step, m: seen.update(loss=m["loss"]))
+    with open(f"{result_dir}/rank{rank}.json", "w") as f:
+        json.dump(seen, f)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,18 @@ from topd_client.errors import InvalidInputError, OverloadedError
 
 
 class Recorder:
-    def __init__(self, delay: float = 0.0):
+    """run_batch that records its batches; `gate` holds the worker inside its first batch and
+    `entered` says it got there (no sleeps: the tests wait on events)."""
+
+    def __init__(self):
         self.batches: list[tuple] = []
-        self.delay = delay
         self.gate = threading.Event()
         self.gate.set()
+        self.entered = threading.Event()
 
     def __call__(self, key, payloads):
+        self.entered.set()
         self.gate.wait()
-        time.sleep(self.delay)
         self.batches.append((key, list(payloads)))
         return [(key, p) for p in payloads]
 
@@ -38,7 +41,7 @@ def test_round_robin_one_big_client_cannot_starve_a_small_one():
     rec.gate.clear()  # hold the worker so both requests are queued before batching
     b = DynamicBatcher(rec, max_batch_tokens=4, max_wait_s=0.0)
     big = b.submit("big", "k", [f"b{j}" for j in range(40)], [1] * 40)
-    time.sleep(0.05)
+    assert rec.entered.wait(5)  # the worker holds big's first batch
     small = b.submit("small", "k", ["s0", "s1"], [1, 1])
     rec.gate.set()
     small.results(), big.results()
@@ -47,6 +50,22 @@ def test_round_robin_one_big_client_cannot_starve_a_small_one():
     done_small = max(i for i, (_, p) in enumerate(rec.batches) if any(x.startswith("s") for x in p))
     assert done_small - first_with_small <= 1
     assert done_small <= 2
+    b.close()
+
+
+def test_contending_clients_get_equal_shares_of_each_batch():
+    """Two clients with 20 queued items each and a budget of 4 tokens: every batch takes 2 + 2."""
+    rec = Recorder()
+    rec.gate.clear()
+    b = DynamicBatcher(rec, max_batch_tokens=4, max_wait_s=0.0)
+    first = b.submit("warm", "k", ["w"], [1])
+    assert rec.entered.wait(5)  # the worker is held, so both requests below are queued before batching
+    a = b.submit("a", "k", [f"a{j}" for j in range(20)], [1] * 20)
+    c = b.submit("c", "k", [f"c{j}" for j in range(20)], [1] * 20)
+    rec.gate.set()
+    first.results(), a.results(), c.results()
+    shares = [(sum(p.startswith("a") for p in ps), sum(p.startswith("c") for p in ps)) for _, ps in rec.batches[1:]]
+    assert shares == [(2, 2)] * 10, shares
     b.close()
 
 
@@ -59,7 +78,8 @@ def test_token_budget_and_keys_respected():
     rec.gate.set()
     t1.results(), t2.results()
     for key, payloads in rec.batches:
-        assert len({key}) == 1
+        # a batch holds one key: every payload came from that key's request
+        assert set(payloads) <= ({"x", "y", "z"} if key == "k1" else {"u"})
         if key == "k1":
             assert len(payloads) <= 2  # 3 x 4 tokens > 10
     assert {k for k, _ in rec.batches} == {"k1", "k2"}
@@ -71,9 +91,10 @@ def test_bounded_queue_raises_overloaded():
     rec.gate.clear()
     b = DynamicBatcher(rec, max_batch_tokens=1, max_wait_s=0.0, max_queue_items=5)
     b.submit("a", "k", list(range(5)), [1] * 5)
-    time.sleep(0.05)  # one item may already be running
+    assert rec.entered.wait(5)  # one item is running, four wait
     with pytest.raises(OverloadedError, match="queue full"):
-        b.submit("b", "k", list(range(6)), [1] * 6)
+        b.submit("b", "k", list(range(2)), [1] * 2)
+    b.submit("b", "k", [0], [1])  # exactly full is accepted
     rec.gate.set()
     b.close()
 
@@ -95,7 +116,7 @@ def test_deadline_expires_and_items_are_dropped():
         late.results()
     rec.gate.set()
     blocker.results()
-    time.sleep(0.05)
+    b.submit("c", "k", ["after"], [1]).results()  # the worker has passed the expired item by now
     assert all("never" not in p for _, p in rec.batches)
     b.close()
 

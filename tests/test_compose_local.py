@@ -31,7 +31,7 @@ def test_cpu_profile_reaches_first_training_step(tmp_path):
         for name in start_order(services):
             svc = services[name]
             assert svc.argv[0] == "topd"
-            argv = [sys.executable, "-m", "topd_client.cli", *svc.argv[1:]]
+            argv = [sys.executable, "-m", "services.cli", *svc.argv[1:]]
             log = tmp_path / f"{name}.log"
             with open(log, "w") as out:
                 proc = subprocess.Popen(argv, env={**os.environ, **svc.env}, stdout=out, stderr=subprocess.STDOUT)

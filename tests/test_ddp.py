@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from tests.procs import ROOT, free_port, service
 from tests.test_trainer_e2e import models  # noqa: F401 - fixture
 
@@ -25,13 +27,19 @@ def test_two_ranks_hold_the_same_weights_after_a_step(models, tmp_path):  # noqa
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-        # each rank trained on its own prompts (different losses) yet holds identical weights
-        assert ranks[0]["digest"] == ranks[1]["digest"]
+        # each rank trained on its own prompts (different losses) yet holds identical, updated weights
+        assert ranks[0]["final"] == ranks[1]["final"]
+        assert ranks[0]["initial"] == ranks[1]["initial"] != ranks[0]["final"]
+        assert not ranks[0]["skipped"] and not ranks[1]["skipped"]
         assert ranks[0]["loss"] != ranks[1]["loss"]
         # both rollouts got the initial weights (version 1), then the step's (version 2)
         from topd_client import RolloutClient
 
         assert RolloutClient(r0.address).info().policy_version == 2
         assert RolloutClient(r1.address).info().policy_version == 2
-        initial = Path(models["student"])
-        assert (tmp_path / "run" / "final").exists() and initial.exists()
+        # rank 0 saved the final model: the averaged weights, not the starting student's
+        from safetensors.torch import load_file
+
+        start = load_file(next(Path(models["student"]).glob("*.safetensors")))
+        final = load_file(next((tmp_path / "run" / "final").glob("*.safetensors")))
+        assert any(not torch.equal(start[k], final[k]) for k in start)

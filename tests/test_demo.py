@@ -29,12 +29,17 @@ def _port_open(port: int) -> bool:
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     run_dir = tmp_path / "demo"
-    res = subprocess.run([sys.executable, "-m", "topd_client.cli", "demo", "--quick", "--run-dir", str(run_dir),
+    res = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--quick", "--run-dir", str(run_dir),
                           "--no-progress"], capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     report = json.loads((run_dir / "report.json").read_text())
-    for key in ("accuracy_before", "accuracy_after", "teacher_accuracy"):
-        assert 0.0 <= report[key] <= 1.0  # measured; the quick run is too short to promise a gain
+    # the quick run is too short to promise a gain; what it must get right is what it measured: the
+    # report's "after" is the saved final student's greedy accuracy on the same test problems
+    from services.task import arith, models
+
+    test = arith.read_jsonl(Path(report["models"]["student"]).parent / "test.jsonl")[: report["test_problems"]]
+    again = models.evaluate(report["final_model"], None, test)
+    assert abs(again - report["accuracy_after"]) <= 2 / len(test), (again, report["accuracy_after"])
     print(f"demo --quick: student {report['accuracy_before']:.3f} -> {report['accuracy_after']:.3f}, "
           f"teacher {report['teacher_accuracy']:.3f}")
     assert report["teacher_accuracy"] >= 0.9
@@ -49,7 +54,7 @@ def test_demo_quick_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_demo_ctrl_c_shuts_services_down(tmp_path):
     run_dir = tmp_path / "demo"
-    proc = subprocess.Popen([sys.executable, "-m", "topd_client.cli", "demo", "--quick", "--steps", "50",
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "demo", "--quick", "--steps", "50",
                              "--run-dir", str(run_dir), "--no-progress"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 1200

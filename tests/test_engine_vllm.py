@@ -19,7 +19,7 @@ pytest.importorskip("vllm")
 from services.common.engine import SamplingSpec  # noqa: E402
 from services.common.engine_vllm import VLLMEngine  # noqa: E402
 from services.common.fingerprint import tokenizer_fingerprint  # noqa: E402
-from services.common.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
+from tests.support.tiny_model import TinyModelSpec, build_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

@@ -71,36 +71,21 @@ def test_backward_opd_and_traj_grads_cuda_match_cpu(tiny_model) -> None:
     """The trainer's micro-batched backward passes give the same gradients on CUDA as on CPU."""
     from transformers import AutoModelForCausalLM
 
-    from services.trainer.settings import TrainerSettings
-    from services.trainer.step import Branches, Rollouts, backward_opd, backward_traj
-    from topd_client.results import Completion
+    from services.trainer.losses import backward_opd, backward_traj
+    from tests.test_losses import config, make_batch
 
-    rng = np.random.default_rng(2)
-    B, k = 5, 4
-    prompts = [torch.as_tensor(rng.integers(3, 200, rng.integers(3, 9))) for _ in range(B)]
-    responses = [torch.as_tensor(rng.integers(3, 200, rng.integers(2, 12))) for _ in range(B)]
-    r = Rollouts(prompts, responses, [-torch.rand(len(y)) for y in responses], [0] * B, [{}] * B, ["length"] * B)
-    T = max(len(y) for y in responses)
-    teacher_BT, weights_BT = -torch.rand(B, T) * 2, torch.ones(B, T)
-    s = TrainerSettings(micro_batch=2, window=4, traj_top_k=k)
-
-    def completion(n: int) -> Completion:
-        toks = rng.integers(3, 200, n).astype(np.int32)
-        ids = rng.integers(3, 200, (n, k)).astype(np.int32)
-        return Completion(toks, np.zeros(n, np.float32), ids, -rng.random((n, k)).astype(np.float32), "length", 0)
-
-    branches = Branches([torch.cat([p, y[:2]]) for p, y in zip(prompts, responses)],
-                        [completion(int(n)) for n in (4, 3, 4, 0, 2)], [completion(4) for _ in range(B)])
-    divergent = torch.tensor([True, True, False, True, True])
-
+    batch, branches, divergent = make_batch()
+    weights_BT = torch.ones_like(batch.sampler_BT)
+    cfg = config(micro_batch=2)
     grads = {}
     for device in ("cpu", "cuda"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).to(device)
-        loss_opd, logp = backward_opd(model, r, teacher_BT, weights_BT, s, device)
-        loss_traj, metrics = backward_traj(model, branches, divergent, float(sum(map(len, responses))), s, device)
-        assert loss_opd.device.type == "cpu" and logp.device.type == "cpu" and loss_traj.device.type == "cpu"
+        loss_opd, m_opd = backward_opd(model, batch, weights_BT, cfg, device)
+        loss_traj, metrics = backward_traj(model, branches, divergent, float(batch.num_tokens), cfg, device)
+        assert loss_opd.device.type == "cpu" and loss_traj.device.type == "cpu"
         assert metrics["topd/num_windows"] == 3.0  # the empty window is left out
-        grads[device] = (loss_opd, loss_traj, logp, {n: p.grad.detach().cpu() for n, p in model.named_parameters()})
+        grads[device] = (loss_opd, loss_traj, torch.tensor(m_opd["opd/rho_mean"]),
+                         {n: p.grad.detach().cpu() for n, p in model.named_parameters()})
     for a, b in zip(grads["cuda"][:3], grads["cpu"][:3]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for name, g in grads["cpu"][3].items():

@@ -24,7 +24,7 @@ DETECTION_METRICS = {"topd/num_candidates", "topd/num_divergent", "topd/false_al
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from services.common.tiny_model import TinyModelSpec, build_tiny_model
+    from tests.support.tiny_model import TinyModelSpec, build_tiny_model
 
     root = tmp_path_factory.mktemp("e2e")
     teacher = build_tiny_model(root / "teacher", TinyModelSpec(seed=11))
@@ -107,7 +107,7 @@ def test_resume_reaches_the_same_loss(models, stack, tmp_path):
 
 
 def test_refuses_teacher_with_other_tokenizer(models, stack, tmp_path):
-    from services.common.tiny_model import TinyModelSpec, build_tiny_model
+    from tests.support.tiny_model import TinyModelSpec, build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", TinyModelSpec(seed=1, vocab_size=300))
     with service("teacher", other, tmp_path, "--engine", "hf") as t:
@@ -118,19 +118,20 @@ def test_refuses_teacher_with_other_tokenizer(models, stack, tmp_path):
 
 
 def test_nonfinite_loss_skips_the_step(models, stack, tmp_path, monkeypatch):
-    from services.trainer import step as st
+    from services.trainer.clients import ServiceClients
 
-    real = st.score
+    real = ServiceClients.score
     calls = {"n": 0}
 
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
+    def poisoned(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:
-            out[0, 0] = float("nan")
+            out[0] = out[0].copy()
+            out[0][0] = float("nan")
         return out
 
-    monkeypatch.setattr(st, "score", poisoned)
+    monkeypatch.setattr(ServiceClients, "score", poisoned)
     result = train(_settings(models, stack, tmp_path / "nan", objective="opd", max_steps=3))
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     assert [r["nonfinite_steps"] for r in rows] == [0, 1, 1]

@@ -83,13 +83,6 @@ class BaseClient:
                 raise to_topd_error(err) from None
         raise AssertionError("unreachable")
 
-    def stream(self, fn: Callable, request, *, timeout: float | None = None):
-        """Iterate a server-streaming RPC, mapping errors (no retry: results may be half-consumed)."""
-        try:
-            yield from fn(request, timeout=timeout or self.timeout, metadata=self.metadata)
-        except grpc.RpcError as err:
-            raise to_topd_error(err) from None
-
     def healthy(self, service: str = "") -> bool:
         try:
             resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=2.0)

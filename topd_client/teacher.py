@@ -13,6 +13,11 @@ from topd_client.tensors import from_wire, to_wire
 from topd_client.wire.topd.v1 import common_pb2, teacher_pb2, teacher_pb2_grpc
 
 
+# Score requests of more sequences than this stream their results (one message per sequence):
+# above a few sequences that moved ~2x the bytes/s of one large unary message on loopback here.
+STREAM_ABOVE = 8
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     """Row j scores tokens[response_start + j]."""
@@ -41,7 +46,7 @@ class TeacherClient(BaseClient):
               timeout: float | None = None) -> list[ScoreResult]:
         """Teacher logprobs of each response token and the top-k at each response position.
 
-        `stream` (default: on for more than 8 sequences) receives one message per sequence, which
+        `stream` (default: on for more than STREAM_ABOVE sequences) receives one message per sequence, which
         moved ~2x the bytes/s of one large unary message on loopback here.
         """
         if len(sequences) != len(response_starts):
@@ -51,7 +56,7 @@ class TeacherClient(BaseClient):
                        for s, r in zip(sequences, response_starts)],
             top_k=top_k, temperature=temperature)
         if stream is None:
-            stream = len(sequences) > 8
+            stream = len(sequences) > STREAM_ABOVE
         if stream:
             out: list[ScoreResult | None] = [None] * len(sequences)
             for res in self._with_retry_stream(request, timeout):
@@ -61,7 +66,8 @@ class TeacherClient(BaseClient):
         return [_score_from_wire(r) for r in resp.results]
 
     def _with_retry_stream(self, request, timeout):
-        # a stream is retried as a whole only when it failed before delivering anything
+        # collected whole inside one attempt: a retry after a partial delivery starts over, and the
+        # caller never sees half a result
         def collect(req, timeout, metadata):
             return list(self._stub.ScoreStream(req, timeout=timeout, metadata=metadata))
         return self.call(collect, request, timeout=timeout)

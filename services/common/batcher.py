@@ -23,6 +23,11 @@ from topd_client.errors import InvalidInputError, OverloadedError
 
 RunBatch = Callable[[Hashable, list[Any]], list[Any]]
 
+# A client that submitted within this many seconds counts as active: the batcher stops waiting for a
+# batch to fill once every active client has work queued (a trainer's next request follows its last
+# within a step, well under a second).
+ACTIVE_CLIENT_WINDOW_S = 1.0
+
 
 @dataclass
 class Ticket:
@@ -147,10 +152,10 @@ class DynamicBatcher:
                 self._execute(batch)
 
     def _all_active_clients_waiting(self) -> bool:
-        """No one else is likely to join: every client seen in the last second has items queued.
+        """No one else is likely to join: every client active in the last ACTIVE_CLIENT_WINDOW_S has items queued.
         A lone trainer then never waits for a batch to fill; several never wait longer than before."""
         now = time.monotonic()
-        self._last_submit = {c: t for c, t in self._last_submit.items() if now - t < 1.0}
+        self._last_submit = {c: t for c, t in self._last_submit.items() if now - t < ACTIVE_CLIENT_WINDOW_S}
         return all(self._queues.get(c) for c in self._last_submit)
 
     def _pending_tokens(self) -> int:

@@ -80,7 +80,7 @@ def service(kind: str, model: str | Path, tmp: Path, *args: str, env: dict | Non
     """`topd <kind> --model M --grpc-port P --http-port H ...` until the block ends."""
     grpc_port, http_port = free_port(), free_port()
     log = tmp / f"{kind}-{grpc_port}.log"
-    cmd = [sys.executable, "-m", "topd_client.cli", kind, "--model", str(model), "--grpc-port", str(grpc_port),
+    cmd = [sys.executable, "-m", "services.cli", kind, "--model", str(model), "--grpc-port", str(grpc_port),
            "--http-port", str(http_port), *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,

@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from services.common.plugins import DEFAULT_TASK, load_task
+
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -14,19 +16,23 @@ def data_dir() -> Path:
     return Path(os.environ.get("TOPD_DATA_DIR") or Path.home() / ".cache" / "topd")
 
 
-def resolve_model(model: str) -> str:
-    """`builtin:teacher` / `builtin:student` -> the built-in task's model directory (prepared if
-    missing); a local path or a Hugging Face id is returned unchanged."""
+def parse_builtin(model: str) -> tuple[str, str] | None:
+    """`builtin:teacher` -> ("arith", "teacher"); `builtin:styled/student` -> ("styled", "student"); else None."""
     if not model.startswith(BUILTIN_PREFIX):
-        return model
-    from services.task.models import prepare_builtin
+        return None
+    name = model[len(BUILTIN_PREFIX):]
+    task, _, role = name.rpartition("/")
+    return task or DEFAULT_TASK, role
 
-    which = model[len(BUILTIN_PREFIX):]
-    built = prepare_builtin(data_dir())
-    paths = {"teacher": built.teacher_dir, "student": built.student_dir}
-    if which not in paths:
-        raise ValueError(f"unknown built-in model {model!r}; valid: {', '.join(BUILTIN_PREFIX + k for k in paths)}")
-    return str(paths[which])
+
+def resolve_model(model: str) -> str:
+    """`builtin:[task/]role` -> that task's model directory (built on first use, see
+    services.common.plugins); a local path or a Hugging Face id is returned unchanged."""
+    parsed = parse_builtin(model)
+    if parsed is None:
+        return model
+    task, role = parsed
+    return str(load_task(task).model_dir(role))
 
 
 def model_revision(model: str) -> str:

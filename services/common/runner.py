@@ -82,7 +82,8 @@ def start_service(state: ServiceState, *, host: str, grpc_port: int | None, http
                   load: Callable[[], None] | None = None) -> ServiceRun:
     """Start HTTP (+ gRPC when grpc_port is not None), then run `load()` and mark the service ready.
 
-    A failing `load()` leaves the process alive and not ready, with the reason in `/status`.
+    A failing `load()` marks the service not ready with the reason, stops it and re-raises: the
+    process exits non-zero, so its supervisor restarts it.
     """
     names = list(service_names)
     http = HttpServer(create_status_app(state), host, http_port).start()

@@ -1,74 +1,53 @@
-"""One typed settings object per service: defaults < env vars (TOPD_<SERVICE>_*) < CLI flags.
+"""Command-line flags from a pydantic settings class (pydantic-settings' own CLI source).
 
-The CLI is generated from the pydantic model, so every setting is documented once (its
-`Field(description=...)` becomes the `--help` text).
+Every service has one typed settings object whose `Field(description=...)` is its one-line help;
+the flags (`--max-batch-tokens`, `--optim.lr`) are generated from it, so nothing is documented twice.
+Priority: flags > env vars > defaults (the trainer adds `--set` and a YAML file in between).
 """
 
 from __future__ import annotations
 
 import argparse
-import types
-import typing
-from typing import Any, Literal, Sequence, TypeVar
+from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
-from pydantic_settings import BaseSettings
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, CliSettingsSource
 
 from topd_client.errors import ConfigurationError
 
 S = TypeVar("S", bound=BaseSettings)
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser, cls: type[BaseModel]) -> None:
-    """One `--flag-name` per field, typed and documented from the model."""
-    for name, field in cls.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        ann = field.annotation
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": _help(field)}
-        choices = _literal_choices(ann)
-        if ann is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif choices:
-            kwargs["choices"] = choices
-        else:
-            kwargs["type"] = _scalar_type(ann)
-        parser.add_argument(flag, **kwargs)
+def add_settings_flags(parser: argparse.ArgumentParser, cls: type[S]) -> CliSettingsSource:
+    """Add one `--flag` per setting of `cls` to `parser`; keep the returned source to read them back."""
+    return CliSettingsSource(cls, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                             cli_avoid_json=True, cli_prog_name=parser.prog)
 
 
-def settings_from_args(cls: type[S], args: argparse.Namespace | dict[str, Any]) -> S:
-    """Build the settings; flags given on the CLI override env vars and defaults."""
-    given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
-    known = {k: v for k, v in given.items() if k in cls.model_fields}
+def settings_from_flags(cls: type[S], source: CliSettingsSource, args: argparse.Namespace) -> S:
+    """The settings, flags given on the command line overriding env vars and defaults."""
     try:
-        return cls(**known)
+        return cls(_cli_settings_source=source(parsed_args=args))
     except ValidationError as exc:
-        raise ConfigurationError(f"invalid {cls.__name__}: {exc}") from exc
+        raise ConfigurationError(describe(exc, cls.__name__)) from None
 
 
-def parse_settings(cls: type[S], argv: Sequence[str] | None, prog: str) -> S:
+def parse_settings(cls: type[S], argv: list[str] | None, prog: str) -> S:
+    """Settings of `cls` from an argv (for services started as their own program)."""
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
-    add_settings_arguments(parser, cls)
-    return settings_from_args(cls, parser.parse_args(argv))
+    source = add_settings_flags(parser, cls)
+    return settings_from_flags(cls, source, parser.parse_args(argv))
 
 
-def _help(field: Any) -> str:
-    text = field.description or ""
-    if field.default is not None and field.default is not ... and not callable(field.default):
-        text += f" (default: {field.default})"
-    return text
-
-
-def _literal_choices(ann: Any) -> list[Any] | None:
-    if typing.get_origin(ann) is Literal:
-        return list(typing.get_args(ann))
-    return None
-
-
-def _scalar_type(ann: Any) -> Any:
-    origin = typing.get_origin(ann)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        return _scalar_type(args[0]) if args else str
-    if ann in (int, float, str):
-        return ann
-    return str
+def describe(exc: ValidationError, what: str) -> str:
+    """pydantic's multi-line report as one line: `invalid <what>: max_top_k: Input should be ... (got -1)`."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        msg = err.get("msg", "invalid").removeprefix("Value error, ")
+        if err.get("type") == "extra_forbidden":
+            msg = "unknown setting (see --help)"
+        got = err.get("input")
+        shown = "" if err.get("type") in ("extra_forbidden", "value_error") or isinstance(got, dict) else f" (got {got!r})"
+        problems.append(f"{where}: {msg}{shown}" if where else f"{msg}{shown}")
+    return f"invalid {what}: " + "; ".join(problems)

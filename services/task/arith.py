@@ -3,11 +3,11 @@
 A problem adds `n_operands` numbers of `n_digits` digits each (zero-padded in the prompt):
 
     prompt:    "Q: 4821+0937+5560\n"
-    solution:  "add by columns\n"                               header (several variants)
-               "c1: 1+7+0+0=8, write 8 carry 0\n"               one line per column, units first
-               "c2: 0+2+3+6=11 -> 1 c1\n"                       ...each in one of several surface forms
-               "c3: 8+9+5+1 is 23: digit 3, carry 2\n"
-               "c4: 2+4+0+5=11, write 1 carry 1\n"
+    solution:  "by columns\n"                                  header (one of three)
+               "1) 0+0+7+1=8 -> 8 carry 0\n"                   one line per column, units first,
+               "c2: 0+2+3+6 is 11: 1 c1\n"                     each in one of 36 surface forms
+               "col 3: 1+5+9+8 is 23: 3 c2\n"                  (carry first or last, operands
+               "4) 2+4+0+5=11, 1 c1\n"                         top-down or bottom-up)
                "answer: 11318"                                  then EOS
 
 Every line is drawn from a small grammar (`line_options`): a step's surface form varies in its
@@ -103,6 +103,11 @@ class Column:
     @property
     def total(self) -> int:
         return sum(self.digits) + self.carry_in
+
+
+def is_prompt(text: str) -> bool:
+    """Is `text` a prompt of this task ("Q: 730+836\n")?"""
+    return _PROMPT_RE.fullmatch(text) is not None
 
 
 def columns(problem: Problem) -> list[Column]:

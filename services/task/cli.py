@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from services.trainer import OBJECTIVES
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="Build (or reuse) the built-in task's teacher and student models")
@@ -15,7 +17,7 @@ def add_commands(sub) -> None:
     d.add_argument("--quick", action="store_true", help="A short run (for tests)")
     d.add_argument("--data-dir", type=Path, default=None)
     d.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    d.add_argument("--objective", default="topd", choices=["opd", "opd_suppress", "opd_suppress_control", "topd"])
+    d.add_argument("--objective", default="topd", choices=OBJECTIVES)
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--rollout-engine", default="hf", choices=["hf", "vllm"])
     d.add_argument("--n-test", type=int, default=None)
@@ -37,9 +39,6 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from topd_client.cli import interrupt_on_signals
-
-    interrupt_on_signals()
     from services.task.demo import DemoConfig, run_demo
 
     run_demo(DemoConfig(quick=args.quick, data_dir=args.data_dir, run_dir=args.run_dir, objective=args.objective,

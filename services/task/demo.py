@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ def _checker(record: dict[str, Any], text: str) -> bool:
 
 
 def evaluate(client, tokenizer, records: list[dict[str, Any]], max_tokens: int, generate_attr: str) -> float:
-    from services.trainer.evaluate import greedy_accuracy
+    from services.trainer import greedy_accuracy
 
     ids = [np.asarray(tokenizer(r["prompt"])["input_ids"], dtype=np.int32) for r in records]
     acc, _ = greedy_accuracy(getattr(client, generate_attr), ids, records, _checker, tokenizer, max_tokens)
@@ -71,8 +71,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written to run_dir/report.json)."""
     from transformers import AutoTokenizer
 
-    from services.trainer.run import train
-    from services.trainer.settings import load_settings
+    from services.trainer import load_settings, train
     from topd_client import RolloutClient, TeacherClient
 
     t_start = time.time()
@@ -104,7 +103,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "eval_file": str(models.val_jsonl), "eval_size": 32 if cfg.quick else 200,
             "eval_every": 2 if cfg.quick else 20, "output_dir": str(run_dir), "http_port": free_port(),
             "max_steps": cfg.max_steps, "objective": cfg.objective, "max_new_tokens": max_tokens,
-            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo",
+            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo", "task": "arith",
             **_demo_defaults(cfg.quick), **cfg.train_overrides,
         })
         result = train(settings)
@@ -202,7 +201,3 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, report: dict[str, Any]) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def to_json(cfg: DemoConfig) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from services.common.model_files import data_dir as default_data_dir
 from services.task import arith
 from services.task.arith import Problem, TaskConfig
 
@@ -96,18 +97,6 @@ class BuiltinModels:
 # ----------------------------------------------------------------------------------- tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def build_tokenizer():
     """One token per character of the task's alphabet, as a byte-level BPE without merges.
 
@@ -118,8 +107,9 @@ def build_tokenizer():
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte -> printable character map
 
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     chars = [b2u[ord(c)] for c in arith.alphabet()]
     vocab = {t: i for i, t in enumerate([EOS, PAD, UNK] + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
@@ -364,7 +354,7 @@ def prepare_builtin(data_dir: Path | None = None, seed: int = 0, progress: bool 
 
     The entry lives in data_dir (default ~/.cache/topd) under builtin-v{version}-seed{seed}
     (plus a suffix when config differs from the default)."""
-    root = Path(data_dir or os.environ.get("TOPD_DATA_DIR", Path.home() / ".cache" / "topd")).expanduser()
+    root = Path(data_dir or default_data_dir()).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     key = f"builtin-v{CACHE_VERSION}-seed{seed}"
     if config != BuildConfig():
@@ -392,47 +382,3 @@ def _config_hash(config: BuildConfig) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
-
-
-# --------------------------------------------------------------------------------- calibration
-
-
-def sft_plateau(entry: BuiltinModels, steps: int = 2000, eval_every: int = 250, lr: float = 2e-3,
-                n_eval: int = 500, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Calibration: continue plain SFT of the warmed-up student on the cached teacher samples
-    and return its accuracy curve on validation problems (the baseline on-policy methods must beat)."""
-    import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    torch.set_num_threads(2)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(entry.student_dir)
-    student = AutoModelForCausalLM.from_pretrained(entry.student_dir, dtype="float32")
-    rows = [json.loads(line) for line in entry.teacher_samples_jsonl.read_text().splitlines()]
-    samples = [(r["prompt"], r["completion"]) for r in rows]
-    val = arith.read_jsonl(entry.val_jsonl)[:n_eval]
-    spec = TrainSpec(max_steps=steps, lr=lr, eval_every=eval_every, warmup_steps=10)
-    return train_sft(student, tokenizer, _sample_batches(samples, spec.batch_size, seed), spec,
-                     lambda: evaluate(student, tokenizer, val), seed, progress)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """python -m services.task.models [prepare|calibrate] [--data-dir D] [--seed S] [--steps N]"""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("command", choices=["prepare", "calibrate"])
-    parser.add_argument("--data-dir", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2000, help="calibrate: SFT steps")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    entry = prepare_builtin(args.data_dir, args.seed)
-    print(json.dumps({k: v for k, v in entry.info.items() if k != "config"}, indent=1, default=str))
-    if args.command == "calibrate":
-        curve = sft_plateau(entry, steps=args.steps, seed=args.seed)
-        (entry.data_dir / "sft_plateau.json").write_text(json.dumps(curve, indent=1))
-        print(json.dumps(curve, indent=1))
-
-
-if __name__ == "__main__":
-    main()

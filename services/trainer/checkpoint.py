@@ -59,9 +59,21 @@ def save(root: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_
     latest_tmp = ckpt_root / ".latest.tmp"
     latest_tmp.write_text(final.name)
     os.replace(latest_tmp, ckpt_root / "latest")
-    for old in sorted(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
+    for old in _by_step(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def _by_step(paths) -> list[Path]:
+    """Checkpoint dirs ordered by step number (not by name: step-10000000 sorts before step-2000000)."""
+    return sorted((p for p in paths if _step_of(p) >= 0), key=_step_of)
 
 
 def latest(root: Path) -> Path | None:
@@ -70,7 +82,7 @@ def latest(root: Path) -> Path | None:
         path = root / "checkpoints" / pointer.read_text().strip()
         if (path / MANIFEST).exists():
             return path
-    done = sorted(p for p in (root / "checkpoints").glob("step-*") if (p / MANIFEST).exists())
+    done = _by_step(p for p in (root / "checkpoints").glob("step-*") if (p / MANIFEST).exists())
     return done[-1] if done else None
 
 

@@ -1,33 +1,32 @@
-"""`topd train --config FILE.yaml [--set key=value ...]`."""
+"""`topd train --config FILE.yaml [--set key=value ...] [--optim.lr 3e-4 ...]`."""
 
 from __future__ import annotations
 
 import argparse
 
+from services.common.settings import add_settings_flags
+from services.trainer.settings import TrainerSettings
 
-def add_commands(sub) -> None:
-    from services.trainer.settings import TrainerSettings
 
-    fields = "\n".join(f"  {name}: {f.description} (default: {f.default})"
-                       for name, f in TrainerSettings.model_fields.items())
-    p = sub.add_parser("train", help="Train a student (OPD / TOPD) against teacher and rollout services",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Settings: YAML file < env TOPD_TRAINER_* < --set key=value.\n\n" + fields)
-    p.add_argument("--config", help="YAML file of settings")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one setting")
-    p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint")
-    p.set_defaults(func=_train)
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="Train a student (OPD / TOPD) against teacher and rollout services",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Settings, highest priority first: flags, --set key=value, env TOPD_TRAINER_* "
+                    "(TOPD_TRAINER_OPTIM__LR or TOPD_TRAINER_LR), the --config YAML file, defaults. A setting is "
+                    "named by its path (optim.lr) or by its leaf name (lr).")
+    p.add_argument("--config", help="YAML file of settings (flat leaf names or nested groups)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override one setting (value parsed as YAML), e.g. --set lr=3e-4")
+    p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint (= --set resume=true)")
+    p.set_defaults(func=_train, settings_flags=add_settings_flags(p, TrainerSettings))
 
 
 def _train(args: argparse.Namespace) -> int:
-    from topd_client.cli import interrupt_on_signals
-
-    interrupt_on_signals()
     from services.trainer.run import train
-    from services.trainer.settings import load_settings
 
     overrides = list(args.set) + (["resume=true"] if args.resume else [])
-    settings = load_settings(args.config, overrides)
+    settings = TrainerSettings.load(args.config, overrides, cli=args.settings_flags(parsed_args=args))
     result = train(settings)
     print(f"trained {result.steps} steps; metrics: {result.metrics_file}; final model: {result.final_model}")
     return 0

@@ -8,9 +8,12 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from topd_client.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from services.trainer.settings import DataSettings
 
 
 def read_jsonl(path: str | Path, prompt_field: str = "prompt") -> list[dict[str, Any]]:
@@ -40,6 +43,29 @@ def load_dataset_records(name: str, split: str, prompt_field: str) -> list[dict[
     if prompt_field not in ds.column_names:
         raise ConfigurationError(f"dataset {name} has no {prompt_field!r} column; columns: {ds.column_names}")
     return [dict(r) for r in ds]
+
+
+def train_records(cfg: "DataSettings", task: Any | None) -> list[dict[str, Any]]:
+    """The training prompts: a dataset, a JSONL file, or the task's own train split."""
+    if cfg.dataset:
+        return load_dataset_records(cfg.dataset, cfg.dataset_split, cfg.prompt_field)
+    if cfg.train_file:
+        return read_jsonl(cfg.train_file, cfg.prompt_field)
+    if task is None:
+        raise ConfigurationError("no training prompts: set train_file or dataset (the student is not a built-in "
+                                 "task's model, so there is no default data)")
+    return read_jsonl(task.train_file(), cfg.prompt_field)
+
+
+def eval_records(cfg: "DataSettings", task: Any | None) -> list[dict[str, Any]]:
+    """Held-out prompts: eval_file, else the task's validation split when training on the task's data."""
+    if cfg.eval_every == 0:
+        return []
+    if cfg.eval_file:
+        return read_jsonl(cfg.eval_file, cfg.prompt_field)[: cfg.eval_size]
+    if task is None or cfg.train_file or cfg.dataset:
+        return []
+    return read_jsonl(task.eval_file(), cfg.prompt_field)[: cfg.eval_size]
 
 
 @dataclass
@@ -76,6 +102,23 @@ class PromptStream:
     def restore(self, state: dict[str, int]) -> None:
         self.state = DataState(int(state["epoch"]), int(state["position"]))
         self._order = self._permutation(self.state.epoch)
+
+
+def encode_prompts(tokenizer: Any, records: list[dict[str, Any]], prompt_field: str, chat_template: bool) -> list:
+    """Token ids (long tensors) of each record's prompt, as a user turn of the chat template when asked."""
+    import torch
+
+    out = []
+    for r in records:
+        text = r[prompt_field]
+        if chat_template and tokenizer.chat_template:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        out.append(torch.as_tensor(ids, dtype=torch.long))
+    return out
 
 
 _ANSWER = re.compile(r"answer\s*[:=]\s*(\S+)", re.IGNORECASE)

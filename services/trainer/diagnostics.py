@@ -1,6 +1,6 @@
-"""Per-batch diagnostics of the near-future test (method, section 7), and a ROC AUC for the detector.
+"""Per-batch diagnostics of the near-future test (method, section 7), and the detector against ground truth.
 
-Plain numpy in float64: these are a few hundred numbers a step, logged, never differentiated.
+scipy.stats in float64: these are a few hundred numbers a step, logged, never differentiated.
 Degenerate inputs (fewer than two points, a constant series, a single class) give nan, silently:
 a step without candidates is normal and must not spam warnings.
 """
@@ -8,6 +8,7 @@ a step without candidates is normal and must not spam warnings.
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 from torch import Tensor
 
 from services.trainer.objective import Detection, aggregate_tokens
@@ -29,50 +30,50 @@ def _pair(x: ArrayLike, y: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return xa, ya
 
 
-def average_ranks(x: ArrayLike) -> np.ndarray:
-    """1-based ranks, tied values sharing the mean of their ranks (scipy's rankdata 'average')."""
-    xa = _as_array(x)
-    order = np.argsort(xa, kind="stable")
-    sorted_x = xa[order]
-    # Start index of each run of equal values, and the run each sorted entry belongs to.
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    run = np.cumsum(np.r_[True, sorted_x[1:] != sorted_x[:-1]]) - 1
-    ends = np.r_[starts[1:], xa.size]
-    ranks = np.empty(xa.size)
-    ranks[order] = ((starts + 1 + ends) / 2.0)[run]
-    return ranks
-
-
 def pearson(x: ArrayLike, y: ArrayLike) -> float:
-    """sum (x - mx)(y - my) / sqrt(sum (x - mx)^2 sum (y - my)^2); nan for n < 2 or a constant series."""
+    """Pearson's r (scipy); nan for n < 2 or a constant series."""
     xa, ya = _pair(x, y)
     if xa.size < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
         return float("nan")
-    dx, dy = xa - xa.mean(), ya - ya.mean()
-    return float(np.clip((dx @ dy) / np.sqrt((dx @ dx) * (dy @ dy)), -1.0, 1.0))
+    return float(stats.pearsonr(xa, ya).statistic)
 
 
 def spearman(x: ArrayLike, y: ArrayLike) -> float:
-    """Pearson of the average ranks; nan for n < 2 or a constant series."""
+    """Spearman's rho (scipy; ties share their average rank); nan for n < 2 or a constant series."""
     xa, ya = _pair(x, y)
-    return pearson(average_ranks(xa), average_ranks(ya))
+    if xa.size < 2 or np.ptp(xa) == 0 or np.ptp(ya) == 0:
+        return float("nan")
+    return float(stats.spearmanr(xa, ya).statistic)
 
 
 def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
-    """P(score of a positive > score of a negative) + 0.5 P(tie), by the Mann-Whitney rank sum:
-
-        AUC = (sum of positives' average ranks - n_pos (n_pos + 1) / 2) / (n_pos n_neg)
-
-    labels are truthy for positives. 1 = perfect separation, 0 = reversed, 0.5 = chance (or all
-    tied); nan when a class is absent.
+    """P(score of a positive > score of a negative) + 0.5 P(tie): the Mann-Whitney U of the positives
+    over n_pos * n_neg. labels are truthy for positives. 1 = perfect separation, 0 = reversed,
+    0.5 = chance (or all tied); nan when a class is absent.
     """
     s, lab = _pair(scores, labels)
     pos = lab != 0
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    rank_sum = average_ranks(s)[pos].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(stats.mannwhitneyu(s[pos], s[~pos], alternative="two-sided").statistic / (n_pos * n_neg))
+
+
+def detector_scores(error_N: ArrayLike, D_N: ArrayLike, divergent_N: ArrayLike) -> dict[str, float]:
+    """The detector against ground truth: AUC of D for errors, precision/recall of the divergent set,
+    and the benign fraction of the candidates (the paper's "false alarms" when measured by truth)."""
+    error = _as_array(error_N) != 0
+    divergent = _as_array(divergent_N) != 0
+    n = error.size
+    tp = int((error & divergent).sum())
+    return {
+        "gt/num_candidates": float(n),
+        "gt/benign_frac": float((~error).mean()) if n else float("nan"),
+        "gt/auc": roc_auc(D_N, error),
+        "gt/precision": tp / int(divergent.sum()) if divergent.any() else float("nan"),
+        "gt/recall": tp / int(error.sum()) if error.any() else float("nan"),
+        "gt/tp": float(tp), "gt/errors": float(error.sum()), "gt/divergent": float(divergent.sum()),
+    }
 
 
 def batch_diagnostics(loss_BT: Tensor, mask_BT: Tensor, detection: Detection | None) -> dict[str, float]:

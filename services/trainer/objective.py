@@ -287,12 +287,6 @@ class Detection:
     def false_alarm_N(self) -> Tensor:
         return ~self.divergent_N.bool()
 
-    def divergent_positions(self) -> tuple[Tensor, Tensor]:
-        """(rows, cols) of the divergent states: where L_traj's teacher windows start."""
-        rows_N, cols_N = candidate_positions(self.candidates_BT)
-        picked_N = self.divergent_N.bool().to(rows_N.device)
-        return rows_N[picked_N], cols_N[picked_N]
-
 
 # ---------------------------------------------------------------- weights per variant (section 4)
 def weights_opd(mask_BT: Tensor, det: Detection | None, alpha: float) -> Tensor:
@@ -370,16 +364,23 @@ class TrajConfig:
     """Knobs of L_traj."""
 
     lam: float = 1.0  # lambda, applied inside `traj_loss`; its metrics report L_traj unscaled
-    # "response_tokens": window sum / the batch's response-token count (the prototype's choice: each
-    # window adds K tokens of supervision on the OPD loss's scale); "window_tokens": mean over window tokens.
-    normalisation: str = "response_tokens"
     offset_weights: tuple[float, ...] | None = None  # u_i, i = 0..K-1; None = ones (`discounted_offset_weights`)
     tail_eps: float = 1e-6  # floor of the tail buckets' mass (`tail_logprob`)
 
     def __post_init__(self) -> None:
-        check_choice("L_traj normalisation", self.normalisation, TRAJ_NORMALISATIONS)
         if self.lam < 0:
             raise ConfigurationError(f"lambda must be >= 0, got {self.lam}")
+
+
+def traj_num_tokens(normalisation: str, num_response_tokens: float, num_window_tokens: float) -> float:
+    """N of L_traj, decided once per batch (micro-batches then share it, as `aggregate_tokens` expects).
+
+    "response_tokens": the batch's response-token count (the prototype's choice: each window adds K
+    tokens of supervision on the OPD loss's scale); "window_tokens": the windows' token count (a mean
+    over window tokens).
+    """
+    check_choice("L_traj normalisation", normalisation, TRAJ_NORMALISATIONS)
+    return float(num_response_tokens if normalisation == "response_tokens" else num_window_tokens)
 
 
 def discounted_offset_weights(K: int, gamma: float) -> tuple[float, ...]:
@@ -389,21 +390,19 @@ def discounted_offset_weights(K: int, gamma: float) -> tuple[float, ...]:
 
 def traj_loss(
     student_logits_NKV: Tensor, teacher_ids_NKk: Tensor, teacher_logp_NKk: Tensor, mask_NK: Tensor,
-    num_response_tokens: float | None, cfg: TrajConfig = TrajConfig(),
+    num_tokens: float | None, cfg: TrajConfig = TrajConfig(),
 ) -> tuple[Tensor, dict[str, float]]:
     """lambda * L_traj, forward KL along the teacher's windows from the divergent states:
 
         L_traj = (1/N) sum_n sum_i m_ni u_i KL_k( pi_T(. | c_n, ytilde_<i) || pi_S(. | c_n, ytilde_<i) )
 
-    KL_k is `topk_forward_kl` (teacher top-k plus tail); u_i are the offset weights; N is
-    num_response_tokens ("response_tokens") or sum m ("window_tokens"). student_logits_NKV are the
+    KL_k is `topk_forward_kl` (teacher top-k plus tail); u_i are the offset weights; N is num_tokens
+    (see `traj_num_tokens`), or this call's window tokens when None. student_logits_NKV are the
     student's logits (or log-probs) teacher-forced on the windows, with grad; the teacher's ids
     and log-probs at padded positions are ignored. Metrics: topd/traj_kl (mean unweighted KL per
     valid window token), topd/traj_loss (unscaled), topd/num_windows.
     """
     mask = mask_NK.bool()
-    if cfg.normalisation == "response_tokens" and num_response_tokens is None:
-        raise InvalidInputError("normalisation 'response_tokens' needs num_response_tokens")
     ids_NKk = teacher_ids_NKk.long().masked_fill(~mask[..., None], 0)
     kl_NK = topk_forward_kl(gather_logprobs(student_logits_NKV, ids_NKk), teacher_logp_NKk, cfg.tail_eps)
     K = mask.shape[1]
@@ -411,8 +410,7 @@ def traj_loss(
     if len(offsets) != K:
         raise InvalidInputError(f"{len(offsets)} offset weights for windows of {K} tokens")
     u_K = torch.tensor(offsets, dtype=kl_NK.dtype, device=kl_NK.device)
-    denom = num_response_tokens if cfg.normalisation == "response_tokens" else None
-    traj = aggregate_tokens(kl_NK * u_K, mask, denom)
+    traj = aggregate_tokens(kl_NK * u_K, mask, num_tokens)
     metrics = {
         "topd/traj_kl": float(aggregate_tokens(kl_NK.detach(), mask)),
         "topd/traj_loss": float(traj.detach()),

@@ -1,22 +1,39 @@
-"""`topd train`: distributed setup, REST status, progress bar, the step loop, metrics, checkpoints."""
+"""`topd train`: set up a run, connect, resume or start, loop over steps with hooks, finish.
+
+    for step: samples = source.take(step)  ->  train_step(...)  ->  hooks (eval, metrics, checkpoint, progress)
+"""
 
 from __future__ import annotations
 
 import logging
-import os
+import math
+import random
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
-from services.common.runner import ServiceRun, start_service
+from services.common.model_files import resolve_device, resolve_model
+from services.common.runner import start_service
 from services.common.status_app import ServiceState
-from services.trainer.loop import Trainer, write_jsonl
+from services.trainer import checkpoint, distributed, hooks
+from services.trainer.clients import ServiceClients
+from services.trainer.data import PromptStream, encode_prompts, eval_records, generic_check, train_records
+from services.trainer.diagnostics import detector_scores
+from services.trainer.embeddings import student_table, teacher_table
+from services.trainer.objective import Detection, candidate_positions
+from services.trainer.sampling import SampleSource
 from services.trainer.settings import TrainerSettings
+from services.trainer.state import TrainState
+from services.trainer.step import PhaseTimer, Probe, StepConfig, train_step
 from services.trainer.student import unwrap
+from services.trainer.task_api import Task, resolve_task
+from topd_client.errors import TokenizerMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -30,99 +47,173 @@ class TrainResult:
     eval_accuracy: list[tuple[int, float]]
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world) under torchrun; initialises the process group (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
-def _progress(trainer: Trainer, enabled: bool):
-    if not enabled or trainer.rank != 0:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=trainer.s.max_steps, initial=trainer.step, desc=f"topd {trainer.s.objective}", unit="step",
-                dynamic_ncols=True)
-
-
 def train(settings: TrainerSettings, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Run training to max_steps (or resume to it). Rank 0 writes metrics and checkpoints."""
-    rank, world = _distributed()
-    trainer = Trainer(settings, rank, world)
-    out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_file = out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
-    registry = CollectorRegistry()
-    g_step = Gauge("topd_trainer_step", "Completed training steps", registry=registry)
-    g_loss = Gauge("topd_trainer_loss", "Loss of the last step", registry=registry)
-    g_kl = Gauge("topd_trainer_reverse_kl", "Mean reverse KL of the last step", registry=registry)
-    state = ServiceState("trainer", registry, trainer.status)
-    http_port = settings.http_port if rank == 0 else 0
-    service: ServiceRun = start_service(state, host=settings.host, grpc_port=None, http_port=http_port)
-    state.set_ready(False, "connecting to teacher and rollout")
-    evals: list[tuple[int, float]] = []
-    bar = None
+    rank, world = distributed.init()
     try:
-        trainer.connect()
-        start = trainer.resume() if settings.resume else 0
-        if start == 0:
-            trainer.push_weights()
-        if not settings.resume and rank == 0 and metrics_file.exists():
+        return _train(settings, rank, world, on_step)
+    finally:
+        distributed.shutdown(world)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None) -> TrainResult:
+    out = Path(s.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    task = resolve_task(s.task, s.student_model)
+    _seed_everything(s.seed + rank)
+    state = TrainState.create(resolve_model(s.student_model), distributed.rank_device(resolve_device(s.device), rank,
+                                                                                       world), s.optim)
+    clients = ServiceClients(s.services, rank, s.auth_token)
+    source = SampleSource(PromptStream(train_records(s.data, task), s.seed, rank, world), clients, state.tokenizer,
+                          s.data, s.sampling, s.seed)
+    timer = PhaseTimer()
+    board = StatusBoard(s, rank, world, state, clients, timer)
+    registry = CollectorRegistry()
+    service_state = ServiceState("trainer", registry, board.status)
+    service = start_service(service_state, host=s.host, grpc_port=None, http_port=s.http_port if rank == 0 else 0)
+    service_state.set_ready(False, "connecting to teacher and rollout")
+    metrics_file = out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
+    with ExitStack() as stack:
+        stack.callback(service.stop)
+        stack.callback(clients.close)
+        stack.callback(source.close)
+        clients.connect(state.tokenizer, state.student_path)
+        manifest = _manifest(s, clients, state)
+        save = (lambda step: checkpoint.save(out, step, unwrap(state.model), state.tokenizer, state.optimizer,
+                                             state.scheduler, {"data": source.position(),
+                                                               "pushed_version": clients.pushed_version,
+                                                               "nonfinite_steps": state.nonfinite_steps},
+                                             manifest, s.checkpoint.keep_checkpoints)) if rank == 0 else (lambda step: None)
+        start = _resume(out, state, source, clients) if s.checkpoint.resume else 0
+        if start == 0 and rank == 0 and metrics_file.exists():
             metrics_file.unlink()
-        trainer.step = start
-        state.set_ready(True)
-        eval_records = trainer.eval_records() if settings.eval_every else []
-        bar = _progress(trainer, settings.progress)
-        for step in range(start + 1, settings.max_steps + 1):
+        clients.push(state.model, clients.pushed_version + 1)  # the rollout may hold another run's weights
+        state.step = start
+        service_state.set_ready(True)
+        evaluation = _evaluation(s, task, state, clients, timer)
+        run_hooks: list[hooks.Hook] = [evaluation, hooks.Gauges(registry)]
+        if rank == 0:
+            run_hooks += [hooks.MetricsLog(metrics_file), hooks.Checkpoints(s.checkpoint.checkpoint_every, save)]
+            if s.progress:
+                run_hooks.append(hooks.Progress(s.max_steps, start, f"topd {s.objective}"))
+        if on_step is not None:
+            run_hooks.append(hooks.Callback(on_step))
+        for h in run_hooks:
+            stack.callback(h.close)
+        cfg = StepConfig.from_settings(s)
+        table = _embedding_table(s, state)
+        probe = _ground_truth_probe(task, state.tokenizer) if task is not None and s.detection.ground_truth else None
+        for step in range(start + 1, s.max_steps + 1):
             t0 = time.perf_counter()
-            result = trainer.train_step(step, trainer._prefetched)
-            m = result.metrics
-            if eval_records and (step % settings.eval_every == 0 or step == settings.max_steps):
-                trainer.phase = "eval"
-                acc = trainer.evaluate(eval_records)
-                m["eval/accuracy"] = acc
-                evals.append((step, acc))
-            trainer.step = step
-            trainer.step_times.append(time.perf_counter() - t0)
-            m["time/step"] = trainer.step_times[-1]
-            trainer.last_metrics = m
-            if rank == 0:
-                write_jsonl(metrics_file, {"step": step, "time": time.time(), **m})
-            g_step.set(step)
-            g_loss.set(m["loss"])
-            g_kl.set(m["opd/reverse_kl"])
-            if settings.checkpoint_every and step % settings.checkpoint_every == 0:
-                trainer.save(step)
-            if bar is not None:
-                post = {"kl": f"{m['opd/reverse_kl']:.3f}", "loss": f"{m['loss']:.3f}"}
-                if "eval/accuracy" in m:
-                    post["acc"] = f"{m['eval/accuracy']:.2f}"
-                bar.set_postfix(post)
-                bar.update(1)
-            if on_step is not None:
-                on_step(step, m)
-        trainer.phase = "done"
+            timer.reset()
+            with timer("sample"):
+                samples, _ = source.take(step, s.max_steps)
+            metrics = train_step(step, samples, state, clients, cfg, timer=timer, table=table, probe=probe,
+                                 world=world)
+            state.step = step
+            board.step_times.append(time.perf_counter() - t0)
+            metrics["time/step"] = board.step_times[-1]
+            for h in run_hooks:
+                h.after_step(step, metrics)
+            board.last_metrics = metrics
+        timer.current = "done"
         final = None
         if rank == 0:
-            if settings.checkpoint_every == 0 or settings.max_steps % max(settings.checkpoint_every, 1):
-                trainer.save(trainer.step)
+            every = s.checkpoint.checkpoint_every
+            if every == 0 or state.step % every:
+                save(state.step)
             final = out / "final"
-            unwrap(trainer.model).save_pretrained(final, safe_serialization=True)
-            trainer.tokenizer.save_pretrained(final)
-        return TrainResult(trainer.step, metrics_file, final, trainer.last_metrics, evals)
-    finally:
-        if bar is not None:
-            bar.close()
-        trainer.close()
-        service.stop()
-        if world > 1:
-            import torch.distributed as dist
+            unwrap(state.model).save_pretrained(final, safe_serialization=True)
+            state.tokenizer.save_pretrained(final)
+        return TrainResult(state.step, metrics_file, final, board.last_metrics, evaluation.history)
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+
+def _manifest(s: TrainerSettings, clients: ServiceClients, state: TrainState) -> dict[str, Any]:
+    t = clients.teacher_info
+    return {"settings": s.model_dump(mode="json", exclude={"auth_token"}),
+            "teacher": None if t is None else {"model": t.model, "revision": t.revision,
+                                               "tokenizer_fingerprint": t.tokenizer_fingerprint},
+            "student_model": state.student_path}
+
+
+def _resume(out: Path, state: TrainState, source: SampleSource, clients: ServiceClients) -> int:
+    """Load the latest checkpoint of `out` into the run; 0 when there is none."""
+    path = checkpoint.latest(out)
+    if path is None:
+        log.info("resume: no checkpoint in %s, starting fresh", out)
+        return 0
+    saved = checkpoint.load_into(path, state.model, state.optimizer, state.scheduler)
+    pinned = checkpoint.read_manifest(path).get("teacher") or {}
+    now = clients.teacher_info.tokenizer_fingerprint if clients.teacher_info else None
+    if pinned.get("tokenizer_fingerprint") not in (None, now):
+        raise TokenizerMismatchError(f"checkpoint {path} was trained against a teacher with tokenizer "
+                                     f"{pinned['tokenizer_fingerprint'][:16]}..., this teacher has {now[:16]}...")
+    source.data.restore(saved["data"])
+    state.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
+    log.info("resumed from %s (step %d)", path, saved["step"])
+    return int(saved["step"])
+
+
+def _evaluation(s: TrainerSettings, task: Task | None, state: TrainState, clients: ServiceClients,
+                timer: PhaseTimer) -> hooks.Evaluation:
+    records = eval_records(s.data, task)
+    ids = [p.numpy() for p in encode_prompts(state.tokenizer, records, s.data.prompt_field, s.data.chat_template)]
+
+    def on_phase(name: str) -> None:
+        timer.current = name
+
+    return hooks.Evaluation(s.data.eval_every, s.max_steps, clients.rollout.continue_from, ids, records,
+                            task.check if task is not None else generic_check, state.tokenizer,
+                            s.sampling.max_new_tokens, on_phase)
+
+
+def _embedding_table(s: TrainerSettings, state: TrainState) -> Callable[[], torch.Tensor | None]:
+    """The OT embedding table each step uses (the student's changes every step, so it is read each time)."""
+    if s.detection.embedding == "student":
+        return lambda: student_table(state.model)
+    if s.detection.embedding == "teacher":
+        fixed = teacher_table(s.detection.teacher_embedding_model)
+        return lambda: fixed
+    return lambda: None
+
+
+def _ground_truth_probe(task: Task, tokenizer: Any) -> Probe:
+    """The detector scored against the task's own labels of each candidate (benign or error)."""
+
+    def probe(batch, detection: Detection) -> dict[str, float]:
+        rows, cols = candidate_positions(detection.candidates_BT)
+        labels = task.error_labels(batch.samples.records, [r.tolist() for r in batch.samples.response_ids],
+                                   rows.tolist(), cols.tolist(), tokenizer)
+        return {} if labels is None else detector_scores(labels, detection.D_N, detection.divergent_N)
+
+    return probe
+
+
+class StatusBoard:
+    """The trainer's /status: step, phase, ETA, services, last metrics."""
+
+    def __init__(self, s: TrainerSettings, rank: int, world: int, state: TrainState, clients: ServiceClients,
+                 timer: PhaseTimer) -> None:
+        self.s, self.rank, self.world = s, rank, world
+        self.state, self.clients, self.timer = state, clients, timer
+        self.step_times: list[float] = []
+        self.last_metrics: dict[str, Any] = {}
+
+    def eta_s(self) -> float | None:
+        if not self.step_times:
+            return None
+        recent = self.step_times[-10:]
+        return (self.s.max_steps - self.state.step) * sum(recent) / len(recent)
+
+    def status(self) -> dict[str, Any]:
+        return {"step": self.state.step, "max_steps": self.s.max_steps, "phase": self.timer.current,
+                "objective": self.s.objective, "rank": self.rank, "world": self.world, "device": self.state.device,
+                **self.clients.status(), "eta_s": self.eta_s(), "nonfinite_steps": self.state.nonfinite_steps,
+                "last_metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                 for k, v in self.last_metrics.items()}}

@@ -1,134 +1,310 @@
-"""Trainer settings: one typed object. defaults < YAML config < env TOPD_TRAINER_* < `--set key=value`.
+"""Trainer settings: one frozen, typed object in groups, validated when it is built.
 
-Every method choice that the paper leaves open (see shared docs, topd-method.md) is a field here.
+Sources, highest priority first: keyword arguments, `topd train` flags (`--optim.lr 3e-4`),
+`--set key=value`, env vars (`TOPD_TRAINER_OPTIM__LR` or `TOPD_TRAINER_LR`), the YAML file, defaults.
+A setting is named by its path (`optim.lr`) or, since every leaf name is unique, by its leaf (`lr`):
+YAML files, `--set` and env vars accept both, so a flat config keeps working.
+
+Every method choice that the paper leaves open (docs/method.md) is a field here.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource,
+                               SettingsConfigDict, YamlConfigSettingsSource)
 
+from services.common.settings import describe
+from services.trainer.objective import VARIANTS
 from topd_client.errors import ConfigurationError
+
+OBJECTIVES: tuple[str, ...] = tuple(VARIANTS)  # the one list of objective names: objective.VARIANTS
+Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
+ENV_PREFIX = "TOPD_TRAINER_"
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServicesSettings(_Group):
+    """Where the teacher and the rollout are, and how long to wait for them."""
+
+    teacher_address: str = Field("127.0.0.1:50051", description="Teacher gRPC address (dns:///name:port balances replicas)")
+    rollout_address: str = Field("127.0.0.1:50052", description="Rollout gRPC address(es); comma-separated = one per rank")
+    client_id: str = Field("trainer", min_length=1, max_length=128,
+                           description="Name this trainer gives the shared teacher (fairness, /status)")
+    service_timeout: float = Field(600.0, gt=0, description="Seconds to wait for teacher/rollout readiness")
+    allow_tokenizer_mismatch: bool = Field(False, description="Train even if teacher and student tokenizers differ")
+
+    def rollout_for(self, rank: int) -> str:
+        """Rank r's rollout: the r-th of the comma-separated addresses (wrapping around)."""
+        addresses = [a.strip() for a in self.rollout_address.split(",") if a.strip()]
+        return addresses[rank % len(addresses)]
+
+    @model_validator(mode="after")
+    def _addresses(self) -> "ServicesSettings":
+        if not self.teacher_address.strip():
+            raise ValueError("teacher_address is empty")
+        if not any(a.strip() for a in self.rollout_address.split(",")):
+            raise ValueError("rollout_address is empty")
+        return self
+
+
+class DataSettings(_Group):
+    """Prompts to train on and to evaluate with."""
+
+    train_file: str | None = Field(None, description="JSONL of {prompt, answer}; default: the task's train split")
+    dataset: str | None = Field(None, description="Hugging Face dataset id instead of train_file (needs `datasets`)")
+    dataset_split: str = Field("train", description="Split of `dataset`")
+    prompt_field: str = Field("prompt", min_length=1, description="Field holding the prompt text")
+    chat_template: bool = Field(False, description="Render prompts with the student's chat template")
+    eval_every: int = Field(0, ge=0, description="Evaluate on held-out prompts every N steps (0 = off)")
+    eval_file: str | None = Field(None, description="JSONL for evaluation; default: the task's validation split")
+    eval_size: int = Field(200, ge=1, description="Held-out prompts per evaluation")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSettings":
+        if self.train_file and self.dataset:
+            raise ValueError("give train_file or dataset, not both")
+        return self
+
+
+class SamplingSettings(_Group):
+    """The step's samples: how many, how long, how fresh."""
+
+    prompts_per_step: int = Field(16, ge=1, description="P prompts per step")
+    samples_per_prompt: int = Field(4, ge=1, le=64, description="n samples per prompt")
+    max_new_tokens: int = Field(96, ge=1, description="Max response tokens per sample")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature of rollouts")
+    max_staleness: int = Field(1, ge=0, description="Drop samples older than this many policy versions")
+    overlap: bool = Field(False, description="Sample the next step while this one trains (samples lag one version)")
+
+
+class OptimSettings(_Group):
+    """AdamW and the update."""
+
+    lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (5e-4 collapsed OPD in the CPU prototype)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(5, ge=0, description="Linear learning-rate warm-up")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip")
+    micro_batch: int = Field(64, ge=1, description="Sequences per student forward/backward chunk")
+
+
+class OPDSettings(_Group):
+    """The per-token OPD loss (docs/method.md, section 1)."""
+
+    adv_clip: float | None = Field(None, gt=0, description="Clip per-token advantages to [-c, c]; None = off")
+    kl_discount: float = Field(0.0, ge=0, le=1, description="Backward discount gamma of A_t (0 = off)")
+    advantage_from: Literal["sampler", "current"] = Field("sampler", description="Student logprob inside A_t")
+    teacher_temperature: float = Field(1.0, gt=0, le=100, description="Temperature of the teacher's scores")
+
+
+class DetectionSettings(_Group):
+    """The near-future test and suppression (docs/method.md, sections 3-4)."""
+
+    candidate_frac: float = Field(0.2, gt=0, le=1, description="q: top fraction of per-token loss that are candidates")
+    candidate_scope: Literal["trajectory", "batch"] = Field("trajectory", description="Where q is taken")
+    max_candidates: int | None = Field(64, ge=1, description="Cap on candidates per step (branch windows dominate cost)")
+    window: int = Field(16, ge=1, description="K: near-future window length")
+    window_temperature: float = Field(0.0, ge=0, le=100,
+                                      description="Temperature of the windows (0 = greedy; sampled windows were at chance)")
+    embedding: Literal["student", "teacher", "one_hot"] = Field("student", description="Token embeddings for OT")
+    teacher_embedding_model: str | None = Field(None, description="Local teacher checkpoint to read embeddings from "
+                                                                  "(embedding=teacher)")
+    ot_solver: Literal["exact", "sinkhorn"] = Field("exact", description="OT solver")
+    ot_eps: float = Field(0.05, gt=0, description="Sinkhorn regularisation")
+    divergent_frac: float = Field(0.7, gt=0, le=1, description="Top fraction of D among candidates called divergent")
+    alpha: float = Field(0.0, ge=0, le=1, description="Weight of suppressed tokens")
+    ground_truth: bool = Field(True, description="Score the detector against the task's benign/error labels, "
+                                                 "when the task has them")
+
+    @model_validator(mode="after")
+    def _teacher_table(self) -> "DetectionSettings":
+        if self.embedding == "teacher" and not self.teacher_embedding_model:
+            raise ValueError("embedding=teacher needs teacher_embedding_model: the trainer holds no teacher weights, "
+                             "so give a local teacher checkpoint to read its input embeddings from")
+        return self
+
+
+class TrajSettings(_Group):
+    """L_traj, TOPD's guidance along the teacher's window (docs/method.md, section 5)."""
+
+    traj_lambda: float = Field(1.0, ge=0, description="lambda of L_traj")
+    traj_top_k: int = Field(20, ge=1, description="Teacher top-k along its window (plus a tail bucket)")
+    traj_normalisation: Literal["response_tokens", "window_tokens"] = Field("response_tokens",
+                                                                          description="Denominator of L_traj")
+    traj_offset_discount: float = Field(1.0, ge=0, le=1, description="Per-offset weight gamma^i (1 = uniform)")
+
+
+class CheckpointSettings(_Group):
+    """When to save, how many to keep, whether to resume."""
+
+    checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep")
+    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir")
+
+
+GROUPS: dict[str, type[_Group]] = {
+    "services": ServicesSettings, "data": DataSettings, "sampling": SamplingSettings, "optim": OptimSettings,
+    "opd": OPDSettings, "detection": DetectionSettings, "traj": TrajSettings, "checkpoint": CheckpointSettings,
+}
 
 
 class TrainerSettings(BaseSettings):
     """Train a student with OPD / TOPD against a teacher service and its rollout service."""
 
-    model_config = SettingsConfigDict(env_prefix="TOPD_TRAINER_", frozen=True, populate_by_name=True,
-                                      protected_namespaces=(), extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", frozen=True,
+                                      populate_by_name=True, protected_namespaces=(), extra="forbid")
 
-    # --- where things are
-    student_model: str = Field("builtin:student", description="Student weights to train (path, HF id, builtin:student)")
-    teacher_address: str = Field("127.0.0.1:50051", description="Teacher gRPC address (dns:///name:port balances replicas)")
-    rollout_address: str = Field("127.0.0.1:50052", description="Rollout gRPC address(es); comma-separated = one per rank")
+    student_model: str = Field("builtin:student", min_length=1,
+                               description="Student weights to train (path, HF id, builtin:student)")
+    objective: Objective = Field("topd", description="Variant: " + ", ".join(OBJECTIVES))
+    task: str | None = Field(None, description="Task plugin (answer checker, default data, ground truth); "
+                                               "default: the task of a builtin:* student, else none")
+    max_steps: int = Field(100, ge=1, description="Training steps")
+    seed: int = Field(0, ge=0, description="Seed of data order, sampling and init")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto (cuda when available), cpu, cuda")
+    output_dir: str = Field("runs/topd", min_length=1, description="Run directory: metrics.jsonl, checkpoints, final model")
+    host: str = Field("127.0.0.1", description="REST status bind address")
+    http_port: int = Field(8003, ge=0, le=65535, description="REST status port (0 = any free port)")
+    progress: bool = Field(True, description="Show a progress bar")
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
                                    description="Shared auth token of the services")
-    client_id: str = Field("trainer", description="Name this trainer gives the shared teacher (fairness, /status)")
-    train_file: str | None = Field(None, description="JSONL of {prompt, answer}; default: the built-in task's train split")
-    dataset: str | None = Field(None, description="Hugging Face dataset id instead of train_file (needs `datasets`)")
-    dataset_split: str = Field("train", description="Split of `dataset`")
-    prompt_field: str = Field("prompt", description="Field holding the prompt text")
-    output_dir: str = Field("runs/topd", description="Run directory: metrics.jsonl, checkpoints, final model")
-    host: str = Field("127.0.0.1", description="REST status bind address")
-    http_port: int = Field(8003, description="REST status port (0 = any free port)")
-    allow_tokenizer_mismatch: bool = Field(False, description="Train even if teacher and student tokenizers differ")
-    chat_template: bool = Field(False, description="Render prompts with the student's chat template")
 
-    # --- schedule
-    objective: Literal["opd", "opd_suppress", "opd_suppress_control", "topd"] = Field("topd", description="Variant")
-    max_steps: int = Field(100, description="Training steps")
-    prompts_per_step: int = Field(16, description="P prompts per step")
-    samples_per_prompt: int = Field(4, description="n samples per prompt")
-    max_new_tokens: int = Field(96, description="Max response tokens per sample")
-    temperature: float = Field(1.0, description="Sampling temperature of rollouts")
-    lr: float = Field(1e-4, description="AdamW learning rate (5e-4 collapsed OPD in the CPU prototype)")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
-    warmup_steps: int = Field(5, description="Linear learning-rate warm-up")
-    grad_clip: float = Field(1.0, description="Gradient-norm clip")
-    micro_batch: int = Field(64, description="Sequences per student forward/backward chunk")
-    seed: int = Field(0, description="Seed of data order, sampling and init")
-    device: str = Field("auto", description="auto (cuda when available), cpu, cuda")
-    max_staleness: int = Field(1, description="Drop samples older than this many policy versions")
-    overlap: bool = Field(False, description="Sample the next step while this one trains (samples lag one version)")
+    services: ServicesSettings = Field(default_factory=ServicesSettings, description=ServicesSettings.__doc__)
+    data: DataSettings = Field(default_factory=DataSettings, description=DataSettings.__doc__)
+    sampling: SamplingSettings = Field(default_factory=SamplingSettings, description=SamplingSettings.__doc__)
+    optim: OptimSettings = Field(default_factory=OptimSettings, description=OptimSettings.__doc__)
+    opd: OPDSettings = Field(default_factory=OPDSettings, description=OPDSettings.__doc__)
+    detection: DetectionSettings = Field(default_factory=DetectionSettings, description=DetectionSettings.__doc__)
+    traj: TrajSettings = Field(default_factory=TrajSettings, description=TrajSettings.__doc__)
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings, description=CheckpointSettings.__doc__)
 
-    # --- OPD
-    adv_clip: float | None = Field(None, description="Clip per-token advantages to [-c, c]; None = off")
-    kl_discount: float = Field(0.0, description="Backward discount gamma of A_t (0 = off)")
-    advantage_from: Literal["sampler", "current"] = Field("sampler", description="Student logprob inside A_t")
-    teacher_temperature: float = Field(1.0, description="Temperature of the teacher's scores")
-
-    # --- near-future test
-    candidate_frac: float = Field(0.2, description="q: top fraction of per-token loss that are candidates")
-    candidate_scope: Literal["trajectory", "batch"] = Field("trajectory", description="Where q is taken")
-    max_candidates: int | None = Field(64, description="Cap on candidates per step (branch windows dominate cost)")
-    window: int = Field(16, description="K: near-future window length")
-    window_temperature: float = Field(0.0, description="Temperature of the windows (0 = greedy; sampled windows were at chance)")
-    embedding: Literal["student", "teacher", "one_hot"] = Field("student", description="Token embeddings for OT")
-    teacher_embedding_model: str | None = Field(None, description="Local teacher checkpoint to read embeddings from (embedding=teacher)")
-    ot_solver: Literal["exact", "sinkhorn"] = Field("exact", description="OT solver")
-    ot_eps: float = Field(0.05, description="Sinkhorn regularisation")
-    divergent_frac: float = Field(0.7, description="Top fraction of D among candidates called divergent")
-    alpha: float = Field(0.0, description="Weight of suppressed tokens")
-
-    # --- L_traj
-    traj_lambda: float = Field(1.0, description="lambda of L_traj")
-    traj_top_k: int = Field(20, description="Teacher top-k along its window (plus a tail bucket)")
-    traj_normalisation: Literal["response_tokens", "window_tokens"] = Field("response_tokens",
-                                                                          description="Denominator of L_traj")
-    traj_offset_discount: float = Field(1.0, description="Per-offset weight gamma^i (1 = uniform)")
-
-    # --- bookkeeping
-    checkpoint_every: int = Field(50, description="Save a checkpoint every N steps (0 = only at the end)")
-    keep_checkpoints: int = Field(2, description="How many checkpoints to keep")
-    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir")
-    eval_every: int = Field(0, description="Evaluate on held-out prompts every N steps (0 = off)")
-    eval_file: str | None = Field(None, description="JSONL for evaluation; default: built-in validation split")
-    eval_size: int = Field(200, description="Held-out prompts per evaluation")
-    progress: bool = Field(True, description="Show a progress bar")
-    ground_truth: bool = Field(True, description="Score the detector against the built-in task's benign/error labels")
-    service_timeout: float = Field(600.0, description="Seconds to wait for teacher/rollout readiness")
-
-    def check(self) -> "TrainerSettings":
-        """Refuse combinations that cannot work, saying why."""
-        if self.embedding == "teacher" and not self.teacher_embedding_model:
-            raise ConfigurationError("embedding=teacher needs teacher_embedding_model: the trainer holds no teacher "
-                                     "weights, so give a local teacher checkpoint to read its input embeddings from")
-        if not 0 < self.candidate_frac <= 1 or not 0 < self.divergent_frac <= 1:
-            raise ConfigurationError("candidate_frac and divergent_frac must lie in (0, 1]")
-        if self.objective == "topd" and self.traj_top_k <= 0:
-            raise ConfigurationError("topd's L_traj needs the teacher's top-k along its window: traj_top_k > 0")
+    @model_validator(mode="after")
+    def _combinations(self) -> "TrainerSettings":
+        if self.sampling.overlap and self.sampling.max_staleness < 1:
+            raise ValueError("overlap=true samples step t+1 with step t's weights (one version behind): "
+                             "it needs max_staleness >= 1")
         return self
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        """Direct construction (`TrainerSettings(lr=...)`) also takes leaf names and flat env vars."""
+        return (_LeafNames(settings_cls, init_settings), env_settings, _FlatEnv(settings_cls))
 
-def load_settings(config: str | Path | None = None, overrides: list[str] | None = None,
-                  **kwargs: Any) -> TrainerSettings:
-    """YAML file, then env vars, then `key=value` overrides (YAML-parsed values), then kwargs."""
-    data: dict[str, Any] = {}
-    if config:
-        loaded = yaml.safe_load(Path(config).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigurationError(f"{config}: expected a mapping of settings")
-        data.update(loaded)
-    from pydantic_settings import EnvSettingsSource
+    @classmethod
+    def load(cls, config: str | Path | None = None, overrides: Iterable[str] = (), *,
+             cli: PydanticBaseSettingsSource | None = None, **kwargs: Any) -> "TrainerSettings":
+        """Settings from every source (module docstring); any invalid value -> one ConfigurationError line."""
+        try:
+            sources: list[PydanticBaseSettingsSource] = [_LeafNames(cls, InitSettingsSource(cls, kwargs))]
+            if cli is not None:
+                sources.append(cli)
+            sources += [_LeafNames(cls, _parse_overrides(overrides)), EnvSettingsSource(cls), _FlatEnv(cls)]
+            if config:
+                sources.append(_LeafNames(cls, _read_yaml(cls, config)))
+            return cls(_build_sources=(tuple(sources), {}))
+        except ValidationError as exc:
+            raise ConfigurationError(describe(exc, "trainer settings")) from None
 
-    env = EnvSettingsSource(TrainerSettings)()
-    data.update(env)
-    for item in overrides or []:
+
+def load_settings(config: str | Path | None = None, overrides: Iterable[str] = (), **kwargs: Any) -> TrainerSettings:
+    """`TrainerSettings.load` (the name callers and scripts use)."""
+    return TrainerSettings.load(config, overrides, **kwargs)
+
+
+# ------------------------------------------------------------------ leaf names
+def leaf_paths() -> dict[str, str | None]:
+    """leaf name -> its group (None for a top-level field). Leaf names are unique by construction."""
+    out: dict[str, str | None] = {n: None for n in TrainerSettings.model_fields if n not in GROUPS}
+    for group, model in GROUPS.items():
+        for name in model.model_fields:
+            if name in out:
+                raise TypeError(f"setting {name!r} is defined twice: leaf names must be unique")
+            out[name] = group
+    return out
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"lr": x, "opd.adv_clip": y, "optim": {...}} -> {"optim": {"lr": x}, "opd": {"adv_clip": y}, ...}.
+
+    Unknown names are left in place, so validation names them ("extra inputs are not permitted")."""
+    paths = leaf_paths()
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        key = key.replace("-", "_")
+        if "." in key:
+            group, leaf = key.split(".", 1)
+            out.setdefault(group, {})[leaf] = value
+        elif key in GROUPS and isinstance(value, dict):
+            out.setdefault(key, {}).update(nest_group(key, value))
+        elif paths.get(key) is not None:
+            out.setdefault(paths[key], {})[key] = value
+        else:
+            out[key] = value
+    return out
+
+
+def nest_group(group: str, values: dict[str, Any]) -> dict[str, Any]:
+    return {k.replace("-", "_"): v for k, v in values.items()}
+
+
+class _LeafNames(PydanticBaseSettingsSource):
+    """Wraps a source (or a plain dict) so that its keys may be leaf names or dotted paths."""
+
+    def __init__(self, settings_cls: type[BaseSettings], inner: PydanticBaseSettingsSource | dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self.inner = inner
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        data = self.inner if isinstance(self.inner, dict) else self.inner()
+        return nest(dict(data))
+
+
+class _FlatEnv(PydanticBaseSettingsSource):
+    """`TOPD_TRAINER_<LEAF>` for grouped settings (`TOPD_TRAINER_LR` = `TOPD_TRAINER_OPTIM__LR`)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for leaf, group in leaf_paths().items():
+            value = os.environ.get(ENV_PREFIX + leaf.upper())
+            if group is not None and value is not None:
+                found.setdefault(group, {})[leaf] = value
+        return found
+
+
+def _parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """`key=value` items, values parsed as YAML (`lr=3e-4`, `adv_clip=null`, `overlap=true`)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
         if "=" not in item:
             raise ConfigurationError(f"--set expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        data[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    data.update(kwargs)
-    unknown = sorted(set(data) - set(TrainerSettings.model_fields) - {"TOPD_AUTH_TOKEN"})
-    if unknown:
-        raise ConfigurationError(f"unknown trainer settings {unknown}; see `topd train --help`")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _read_yaml(cls: type[BaseSettings], config: str | Path) -> dict[str, Any]:
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigurationError(f"config file {path} does not exist")
     try:
-        return TrainerSettings(**data).check()
-    except ConfigurationError:
-        raise
-    except Exception as exc:  # pydantic ValidationError
-        raise ConfigurationError(f"invalid trainer settings: {exc}") from exc
+        data = YamlConfigSettingsSource(cls, yaml_file=path)()
+    except yaml.YAMLError as exc:
+        raise ConfigurationError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{path}: expected a mapping of settings")
+    return data

@@ -1,235 +1,152 @@
-"""One training step, top-down: sample -> score -> branch (near-future test) -> loss -> update.
+"""One training step, top-down: score -> near-future test -> loss -> update -> push.
 
-Network calls go through the SDK clients; the math is services.trainer.objective / ot /
-diagnostics. Shape suffixes: B samples, T response tokens, N candidates, K window, V vocab.
+    samples (rollout, policy v)  ->  teacher logprobs  ->  candidates, windows, D, divergent set
+      -> L_OPD(w_t) [+ lambda L_traj]  ->  AdamW  ->  rollout serves v + 1
+
+The loop (`run.py`) fetches the samples and runs the hooks; the math is `objective`, `ot` and
+`losses`; the network is `ServiceClients`.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from services.trainer import objective as obj
-from services.trainer.ot import OTConfig, Windows, one_hot_embedding, ot_distances
+from services.trainer.batch import Samples, ScoredBatch, drop_stale
+from services.trainer.clients import ServiceClients
+from services.trainer.detect import DetectionConfig, DetectionResult, detect
+from services.trainer.diagnostics import batch_diagnostics
+from services.trainer.losses import LossConfig, backward_opd, backward_traj
 from services.trainer.settings import TrainerSettings
-from services.trainer.student import gather_token_logprobs, position_logits, unwrap
-from topd_client import RolloutClient, TeacherClient
+from services.trainer.state import TrainState
+from topd_client.errors import PreconditionError
+
+# Seeds of a step's random streams: seed * STRIDE + step, distinct per (seed, step) for runs
+# shorter than the stride (primes, so two streams of one run never coincide).
+SAMPLE_SEED_STRIDE = 100_003
+BRANCH_SEED_STRIDE = 7919
+
+# (batch, detection) -> ground-truth metrics of the detector (empty when the task cannot label).
+Probe = Callable[[ScoredBatch, obj.Detection], dict[str, float]]
 
 
-@dataclass
-class Rollouts:
-    """The step's samples, one entry per (prompt, sample)."""
-
-    prompt_ids: list[Tensor]
-    response_ids: list[Tensor]
-    sampler_logp: list[Tensor]
-    versions: list[int]
-    records: list[dict[str, Any]]
-    finish: list[str]
-
-    def __len__(self) -> int:
-        return len(self.response_ids)
-
-    def padded(self) -> tuple[Tensor, Tensor, Tensor]:
-        """tokens_BT, mask_BT (bool), sampler_logp_BT, right-padded to the longest response."""
-        T = max((len(r) for r in self.response_ids), default=0)
-        tokens = torch.zeros((len(self), T), dtype=torch.long)
-        mask = torch.zeros((len(self), T), dtype=torch.bool)
-        logp = torch.zeros((len(self), T), dtype=torch.float32)
-        for b, (r, lp) in enumerate(zip(self.response_ids, self.sampler_logp)):
-            tokens[b, :len(r)], mask[b, :len(r)], logp[b, :len(r)] = r, True, lp
-        return tokens, mask, logp
-
-    def keep(self, idx: list[int]) -> "Rollouts":
-        return Rollouts(*[[getattr(self, f)[i] for i in idx] for f in
-                          ("prompt_ids", "response_ids", "sampler_logp", "versions", "records", "finish")])
+def sample_seed(seed: int, step: int) -> int:
+    return seed * SAMPLE_SEED_STRIDE + step
 
 
-@dataclass
-class Branches:
-    """Near-future windows from each candidate's prefix."""
+@dataclass(frozen=True)
+class StepConfig:
+    """Everything a step needs from the settings, built once."""
 
-    prefixes: list[Tensor]
-    teacher: list[Any]   # topd_client.Completion
-    student: list[Any]
+    variant: obj.Variant
+    alpha: float
+    max_staleness: int
+    teacher_temperature: float
+    detection: DetectionConfig
+    loss: LossConfig
+    grad_clip: float
+    seed: int
 
-
-@dataclass
-class StepResult:
-    metrics: dict[str, float]
-    skipped: bool = False
-    phase_s: dict[str, float] = field(default_factory=dict)
-
-
-def sample(rollout: RolloutClient, records: list[dict[str, Any]], prompt_ids: list[Tensor], s: TrainerSettings,
-           seed: int) -> Rollouts:
-    """P prompts x n samples from the student's rollout service (temperature-1 sampler logprobs)."""
-    groups = rollout.sample([p.numpy() for p in prompt_ids], max_tokens=s.max_new_tokens, n=s.samples_per_prompt,
-                            temperature=s.temperature, seed=seed)
-    out = Rollouts([], [], [], [], [], [])
-    for rec, p, group in zip(records, prompt_ids, groups):
-        for c in group:
-            if len(c.tokens) == 0:
-                continue
-            out.prompt_ids.append(p)
-            out.response_ids.append(torch.as_tensor(np.array(c.tokens), dtype=torch.long))
-            out.sampler_logp.append(torch.as_tensor(np.array(c.logprobs), dtype=torch.float32))
-            out.versions.append(c.policy_version)
-            out.records.append(rec)
-            out.finish.append(c.finish_reason)
-    return out
+    @classmethod
+    def from_settings(cls, s: TrainerSettings) -> "StepConfig":
+        t = s.traj
+        loss = LossConfig(
+            opd=obj.OPDConfig(adv_clip=s.opd.adv_clip, kl_discount=s.opd.kl_discount,
+                              advantage_from=s.opd.advantage_from),
+            traj=obj.TrajConfig(lam=t.traj_lambda,
+                                offset_weights=obj.discounted_offset_weights(s.detection.window, t.traj_offset_discount)),
+            traj_normalisation=t.traj_normalisation, traj_top_k=t.traj_top_k, window=s.detection.window,
+            micro_batch=s.optim.micro_batch)
+        return cls(obj.get_variant(s.objective), s.detection.alpha, s.sampling.max_staleness, s.opd.teacher_temperature,
+                   DetectionConfig.from_settings(s.detection), loss, s.optim.grad_clip, s.seed)
 
 
-def drop_stale(r: Rollouts, current_version: int, max_staleness: int) -> tuple[Rollouts, int]:
-    keep = [i for i, v in enumerate(r.versions) if current_version - v <= max_staleness]
-    return r.keep(keep), len(r) - len(keep)
-
-
-def score(teacher: TeacherClient, r: Rollouts, T: int, temperature: float) -> Tensor:
-    """Teacher logprob of every sampled token, [B, T] (zeros past each response)."""
-    seqs = [torch.cat([p, y]).numpy() for p, y in zip(r.prompt_ids, r.response_ids)]
-    res = teacher.score(seqs, [len(p) for p in r.prompt_ids], top_k=0, temperature=temperature)
-    out = torch.zeros((len(r), T), dtype=torch.float32)
-    for b, x in enumerate(res):
-        out[b, :len(x.token_logprobs)] = torch.as_tensor(np.array(x.token_logprobs))
-    return out
-
-
-def branch(teacher: TeacherClient, rollout: RolloutClient, r: Rollouts, rows: Tensor, cols: Tensor,
-           s: TrainerSettings, seed: int, pool: ThreadPoolExecutor) -> Branches:
-    """All windows of the step in one teacher Generate and one rollout Continue, run concurrently."""
-    prefixes = [torch.cat([r.prompt_ids[b], r.response_ids[b][:t]]) for b, t in zip(rows.tolist(), cols.tolist())]
-    arrays = [p.numpy() for p in prefixes]
-    top_k = s.traj_top_k if obj.get_variant(s.objective).uses_traj else 0
-    t_fut = pool.submit(teacher.generate, arrays, max_tokens=s.window, temperature=s.window_temperature,
-                        seed=seed, top_k=top_k)
-    s_fut = pool.submit(rollout.continue_from, arrays, max_tokens=s.window, temperature=s.window_temperature,
-                        seed=seed)
-    return Branches(prefixes, [g[0] for g in t_fut.result()], [g[0] for g in s_fut.result()])
-
-
-def _windows(completions: list[Any], K: int) -> Windows:
-    ids = torch.zeros((len(completions), K), dtype=torch.long)
-    lens = torch.zeros(len(completions), dtype=torch.long)
-    for n, c in enumerate(completions):
-        toks = torch.as_tensor(np.array(c.tokens[:K]), dtype=torch.long)
-        ids[n, :len(toks)], lens[n] = toks, len(toks)
-    return Windows(ids, lens)
-
-
-def divergence(b: Branches, s: TrainerSettings, table_Vd: Tensor | None) -> Tensor:
-    """D_N between the teacher's and the student's windows (float64)."""
-    tw, sw = _windows(b.teacher, s.window), _windows(b.student, s.window)
-    if s.embedding == "one_hot" or table_Vd is None:
-        tw, sw, table_Vd = one_hot_embedding(tw, sw)
-    return ot_distances(tw, sw, table_Vd, OTConfig(solver=s.ot_solver, eps=s.ot_eps))
-
-
-def backward_opd(model: torch.nn.Module, r: Rollouts, teacher_BT: Tensor, weights_BT: Tensor, s: TrainerSettings,
-                 device: str) -> tuple[Tensor, Tensor]:
-    """Accumulate grads of L_OPD in micro-batches (normalised by the whole batch's tokens).
-
-    Returns (loss, logp_new_BT detached) for metrics.
-    """
-    tokens_BT, mask_BT, sampler_BT = r.padded()
-    n_tokens = float(mask_BT.sum())
-    cfg = obj.OPDConfig(adv_clip=s.adv_clip, kl_discount=s.kl_discount, advantage_from=s.advantage_from)
-    logp_new_BT = torch.zeros_like(sampler_BT)
-    total = torch.zeros((), dtype=torch.float32)
-    for lo in range(0, len(r), s.micro_batch):
-        hi = min(lo + s.micro_batch, len(r))
-        idx = list(range(lo, hi))
-        seqs = [torch.cat([r.prompt_ids[i], r.response_ids[i]]) for i in idx]
-        counts = [len(r.response_ids[i]) for i in idx]
-        T = max(counts)
-        logits = position_logits(model, seqs, [len(r.prompt_ids[i]) for i in idx], counts, device)
-        logp = gather_token_logprobs(logits, tokens_BT[lo:hi, :T].to(device))
-        inp = obj.OPDInputs(logp_new_BT=logp, logp_sampler_BT=sampler_BT[lo:hi, :T].to(device),
-                            logp_teacher_BT=teacher_BT[lo:hi, :T].to(device), mask_BT=mask_BT[lo:hi, :T].to(device),
-                            weights_BT=weights_BT[lo:hi, :T].to(device), num_tokens=n_tokens)
-        loss, _ = obj.opd_loss(inp, cfg)
-        if torch.isfinite(loss):
-            loss.backward()
-        total = total + loss.detach().cpu()
-        logp_new_BT[lo:hi, :T] = logp.detach().cpu()
-    return total, logp_new_BT
-
-
-def backward_traj(model: torch.nn.Module, b: Branches, divergent_N: Tensor, n_response_tokens: float,
-                  s: TrainerSettings, device: str) -> tuple[Tensor, dict[str, float]]:
-    """Accumulate grads of lambda * L_traj: the student teacher-forced on the teacher's windows."""
-    idx = [n for n in divergent_N.nonzero().flatten().tolist() if len(b.teacher[n].tokens) > 0]
-    if not idx:
-        return torch.zeros(()), {"topd/traj_kl": 0.0, "topd/traj_loss": 0.0, "topd/num_windows": 0.0}
-    cfg = obj.TrajConfig(lam=s.traj_lambda, normalisation=s.traj_normalisation,
-                         offset_weights=obj.discounted_offset_weights(s.window, s.traj_offset_discount))
-    if s.traj_normalisation == "window_tokens":
-        n_response_tokens = None  # type: ignore[assignment]
-    total, kl_sum, kl_count = torch.zeros(()), 0.0, 0
-    n_window_tokens = sum(min(len(b.teacher[n].tokens), s.window) for n in idx)
-    for lo in range(0, len(idx), s.micro_batch):
-        chunk = idx[lo:lo + s.micro_batch]
-        K = s.window
-        ids_NKk = torch.zeros((len(chunk), K, s.traj_top_k), dtype=torch.long)
-        logp_NKk = torch.full((len(chunk), K, s.traj_top_k), -1e4, dtype=torch.float32)
-        mask_NK = torch.zeros((len(chunk), K), dtype=torch.bool)
-        seqs, starts, counts = [], [], []
-        for j, n in enumerate(chunk):
-            c = b.teacher[n]
-            k = min(len(c.tokens), K)
-            window = torch.as_tensor(np.array(c.tokens[:k]), dtype=torch.long)
-            seqs.append(torch.cat([b.prefixes[n], window]))
-            starts.append(len(b.prefixes[n]))
-            counts.append(k)
-            kk = min(c.topk_ids.shape[1], s.traj_top_k)
-            ids_NKk[j, :k, :kk] = torch.as_tensor(np.array(c.topk_ids[:k, :kk]), dtype=torch.long)
-            logp_NKk[j, :k, :kk] = torch.as_tensor(np.array(c.topk_logprobs[:k, :kk]))
-            mask_NK[j, :k] = True
-        logits = position_logits(model, seqs, starts, counts, device)
-        Kc = logits.shape[1]
-        if Kc < K:
-            logits = torch.nn.functional.pad(logits, (0, 0, 0, K - Kc))
-        # window_tokens: each chunk's share of the mean over all windows' tokens
-        denom = n_response_tokens if n_response_tokens is not None else float(n_window_tokens)
-        cfg_chunk = obj.TrajConfig(lam=cfg.lam, normalisation="response_tokens", offset_weights=cfg.offset_weights)
-        loss, m = obj.traj_loss(logits, ids_NKk.to(device), logp_NKk.to(device), mask_NK.to(device), denom, cfg_chunk)
-        if torch.isfinite(loss):
-            loss.backward()
-        total = total + loss.detach().cpu()
-        kl_sum += m["topd/traj_kl"] * int(mask_NK.sum())
-        kl_count += int(mask_NK.sum())
-    return total, {"topd/traj_kl": kl_sum / max(kl_count, 1), "topd/traj_loss": float(total) / max(s.traj_lambda, 1e-12),
-                   "topd/num_windows": float(len(idx))}
-
-
-class Timer:
-    """Wall time per phase of a step."""
+class PhaseTimer:
+    """Wall time per phase of a step; `current` is what /status shows."""
 
     def __init__(self) -> None:
         self.phase_s: dict[str, float] = {}
+        self.current = "starting"
 
-    def __call__(self, name: str, fn: Callable, *args, **kwargs):
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.current = name
         t0 = time.perf_counter()
         try:
-            return fn(*args, **kwargs)
+            yield
         finally:
             self.phase_s[name] = self.phase_s.get(name, 0.0) + time.perf_counter() - t0
 
-
-def embedding_table(model: torch.nn.Module, s: TrainerSettings, teacher_table: Tensor | None) -> Tensor | None:
-    if s.embedding == "student":
-        return unwrap(model).get_input_embeddings().weight.detach().double()
-    if s.embedding == "teacher":
-        return teacher_table
-    return None
+    def reset(self) -> None:
+        self.phase_s = {}
 
 
-def is_finite(x: Tensor) -> bool:
-    return bool(torch.isfinite(x).all()) and not math.isnan(float(x))
+def compute_loss(model: torch.nn.Module, batch: ScoredBatch, found: DetectionResult | None, cfg: StepConfig,
+                 device: str) -> tuple[Tensor, dict[str, float]]:
+    """L = L_OPD(w_t) [+ lambda L_traj]: gradients accumulated into `model`, loss and metrics once."""
+    detection = found.detection if found is not None else None
+    weights_BT = (obj.variant_weights(cfg.variant.name, batch.mask_BT, detection, cfg.alpha)
+                  if detection is not None else torch.ones_like(batch.sampler_BT))
+    opd_total, metrics = backward_opd(model, batch, weights_BT, cfg.loss, device)
+    traj_total = torch.zeros(())
+    if cfg.variant.uses_traj and found is not None:
+        traj_total, traj_metrics = backward_traj(model, found.branches, found.detection.divergent_N,
+                                                 float(batch.num_tokens), cfg.loss, device)
+        metrics.update(traj_metrics)
+    total = opd_total + traj_total
+    metrics.update({"loss": float(total), "loss/opd": float(opd_total), "loss/traj": float(traj_total)})
+    return total, metrics
+
+
+def train_step(step: int, samples: Samples, state: TrainState, clients: ServiceClients, cfg: StepConfig, *,
+               timer: PhaseTimer, table: Callable[[], Tensor | None], probe: Probe | None = None,
+               world: int = 1) -> dict[str, float]:
+    """One step on `samples` (drawn by the rollout): its metrics; the rollout then serves the result as
+    a new policy version. A non-finite loss skips the update (counted in `nonfinite_steps`)."""
+    samples, stale = drop_stale(samples, clients.pushed_version, cfg.max_staleness)
+    if len(samples) == 0:
+        raise PreconditionError(f"step {step}: every sample is older than max_staleness={cfg.max_staleness} "
+                                f"versions (rollout serves {clients.pushed_version})")
+    with timer("score"):
+        batch = ScoredBatch.pad(samples, clients.score(samples, cfg.teacher_temperature))
+    found: DetectionResult | None = None
+    extra: dict[str, float] = {}
+    if cfg.variant.needs_detection:
+        with timer("branch"):
+            found = detect(batch, clients, table(), cfg.detection, cfg.loss.traj_top_k if cfg.variant.uses_traj else 0,
+                           seed=cfg.seed * BRANCH_SEED_STRIDE + step)
+        if found is not None and probe is not None:
+            extra = probe(batch, found.detection)
+    with timer("train"):
+        state.optimizer.zero_grad(set_to_none=True)
+        total, metrics = compute_loss(state.model, batch, found, cfg, state.device)
+        _, grad_norm = state.update(total, cfg.grad_clip, world)
+    with timer("sync"):
+        version = clients.pushed_version + 1
+        clients.push(state.model, version)
+    metrics.update(batch_diagnostics(obj.token_loss(batch.sampler_BT, batch.teacher_BT), batch.mask_BT,
+                                     found.detection if found is not None else None))
+    metrics.update(extra)
+    metrics.update(_bookkeeping(batch, stale, grad_norm, state, version, timer))
+    return metrics
+
+
+def _bookkeeping(batch: ScoredBatch, stale: int, grad_norm: float, state: TrainState, version: int,
+                 timer: PhaseTimer) -> dict[str, Any]:
+    samples = batch.samples
+    n_tokens = batch.num_tokens
+    step_s = sum(timer.phase_s.values())
+    return {
+        "grad_norm": grad_norm, "lr": state.lr, "samples": float(len(samples)), "response_tokens": float(n_tokens),
+        "stale_dropped": float(stale), "finish_stop_frac": sum(f == "stop" for f in samples.finish) / len(samples),
+        "nonfinite_steps": float(state.nonfinite_steps), "policy_version": float(version),
+        "sample_version_min": float(min(samples.versions)), "sample_version_max": float(max(samples.versions)),
+        "tokens_per_s": n_tokens / step_s if step_s > 0 else 0.0,
+        **{f"time/{k}": v for k, v in timer.phase_s.items()},
+    }

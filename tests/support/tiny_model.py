@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -57,28 +58,36 @@ def build_tokenizer(vocab_size: int = 384, corpus: list[str] | None = None):
     return fast
 
 
-def build_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write tokenizer + randomly initialised Qwen2 model (safetensors) to `path`; return it."""
+def build_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(), *, tokenizer: Any = None,
+                     dtype: str = "float32", device: str = "cpu", init_std: float | None = 0.08) -> Path:
+    """Write tokenizer + randomly initialised (seeded) Qwen2 model (safetensors) to `path`; return it.
+
+    The one Qwen2 builder of the tests and benchmarks. init_std 0.08 (larger than HF's default) makes
+    the tiny models' distributions far from uniform; None keeps HF's init (the GPU check's big models).
+    """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(spec.vocab_size)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(spec.vocab_size)
     config = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=spec.tie_word_embeddings, torch_dtype="float32",
+        tie_word_embeddings=spec.tie_word_embeddings, dtype=dtype,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(spec.seed)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # larger-than-default init so distributions are far from uniform
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
+    with torch.device(device):  # big models initialise in seconds on a GPU, minutes on a CPU
+        model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    if init_std is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, init_std)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    del model
     return path
