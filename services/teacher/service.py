@@ -22,15 +22,17 @@ from topd_client.wire.topd.v1 import teacher_pb2, teacher_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name
-# Batcher cost of candidate ids: this many ids per row weigh as much as one token (see `score_cost`).
-CANDIDATE_IDS_PER_TOKEN = 32
+# Batcher cost of candidate ids: this many ids weigh as much as one token (see `score_cost`).
+CANDIDATE_IDS_PER_TOKEN = 256
 
 
 def score_cost(length: int, rows: int, num_candidates: int) -> int:
     """Token-budget cost of one scored sequence: its length plus rows * c / CANDIDATE_IDS_PER_TOKEN.
 
-    Candidate ids add bytes on the wire both ways and a gather per row (O(V) per row on vLLM's V1
-    runner); the constant keeps c = V = 41 on the built-in task near its measured extra time.
+    Candidate ids add 8 bytes per id on the wire (in and out) and a gather per row: 32 x 128-token
+    sequences with c = 20 or 41 on 96 rows each scored within noise (0.90-1.01x) of plain scoring
+    here (bench/teacher_candidates.py). The charge, +12% for c = 41, errs on the safe side and
+    keeps a request with a large c from filling a batch far beyond its token count.
     """
     return length + math.ceil(rows * num_candidates / CANDIDATE_IDS_PER_TOKEN)
 
