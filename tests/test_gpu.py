@@ -99,12 +99,45 @@ def test_hf_engine_cuda_scores_match_cpu(tiny_model) -> None:
     rng = np.random.default_rng(3)
     seqs = [rng.integers(3, 200, n).astype(np.int32) for n in (12, 30, 7)]
     starts = [4, 10, 1]
-    outs = {dev: HFEngine(str(tiny_model), dtype="float32", device=dev).score(seqs, starts, top_k=5, temperature=1.0)
+    cands = [rng.integers(0, 384, (n - r, c)).astype(np.int32) for n, r, c in zip((12, 30, 7), starts, (3, 9, 1))]
+    cands[1] = None
+    outs = {dev: HFEngine(str(tiny_model), dtype="float32", device=dev).score(seqs, starts, top_k=5, temperature=1.0,
+                                                                             candidate_ids=cands)
             for dev in ("cpu", "cuda")}
     for a, b in zip(outs["cuda"], outs["cpu"]):
         np.testing.assert_allclose(a.token_logprobs_R, b.token_logprobs_R, atol=1e-4)
         np.testing.assert_allclose(a.topk_logprobs_Rk, b.topk_logprobs_Rk, atol=1e-4)
         np.testing.assert_array_equal(a.topk_ids_Rk[:, 0], b.topk_ids_Rk[:, 0])
+        assert (a.candidate_logprobs_Rc is None) == (b.candidate_logprobs_Rc is None)
+        if a.candidate_logprobs_Rc is not None:
+            np.testing.assert_allclose(a.candidate_logprobs_Rc, b.candidate_logprobs_Rc, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sampled", "student_topk", "teacher_topk", "full"])
+def test_opd_estimators_cuda_match_cpu(name: str) -> None:
+    from services.trainer.estimators import EstimatorInputs, estimator_loss
+
+    gen = torch.Generator().manual_seed(4)
+    B, T, V, k = 3, 6, 41, 5
+    logits = torch.randn(B, T, V, generator=gen) * 2
+    t_BTV = torch.log_softmax(torch.randn(B, T, V, generator=gen) * 2, -1)
+    tokens = torch.randint(V, (B, T), generator=gen)
+    mask = torch.rand(B, T, generator=gen) > 0.2
+    ids = None if name == "full" else logits.topk(k, -1).indices
+    inputs = dict(tokens_BT=tokens, mask_BT=mask, weights_BT=torch.rand(B, T, generator=gen), ids_BTk=ids,
+                  logp_teacher_BTk=t_BTV if ids is None else t_BTV.gather(-1, ids),
+                  logp_sampler_BT=torch.log_softmax(logits, -1).gather(-1, tokens[..., None])[..., 0],
+                  logp_teacher_BT=t_BTV.gather(-1, tokens[..., None])[..., 0])
+    out = {}
+    for device in ("cpu", "cuda"):
+        x = logits.clone().to(device).requires_grad_()
+        moved = {n: None if v is None else v.to(device) for n, v in inputs.items()}
+        loss, metrics = estimator_loss(name, EstimatorInputs(x, num_tokens=50.0, **moved))
+        loss.backward()
+        out[device] = (loss.detach().cpu(), x.grad.cpu(), metrics)
+    torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=1e-4, atol=1e-7)
+    assert out["cuda"][2] == pytest.approx(out["cpu"][2], rel=1e-4, abs=1e-6)
 
 
 def test_named_weights_from_cuda_are_cpu_copies_in_the_serving_dtype(tiny_model) -> None:

@@ -403,3 +403,223 @@ def test_batch_diagnostics_by_hand() -> None:
         empty = batch_diagnostics(loss, mask, none)
     assert empty["topd/num_divergent"] == 0 and math.isnan(empty["topd/false_alarm_frac"])
     assert set(batch_diagnostics(loss, mask, None)) == {"opd/reverse_kl"}
+
+
+# ---------------------------------------------------------------- OPD estimators (services/trainer/estimators.py)
+from services.trainer.estimators import (  # noqa: E402
+    ESTIMATORS,
+    EstimatorInputs,
+    estimator_loss,
+    get_estimator,
+)
+from topd_client.errors import ConfigurationError, InvalidInputError  # noqa: E402
+
+# One position, V = 3: student p = (0.5, 0.3, 0.2), teacher q = (0.25, 0.25, 0.5).
+P3, Q3 = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.25, 0.25, 0.5])
+HAND = {  # worked by hand from P3, Q3
+    "full": 0.5 * math.log(2) + 0.3 * math.log(1.2) + 0.2 * math.log(0.4),   # sum p log(p / q) = 0.218
+    "student_topk": 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75),  # bins {0}, {1, 2}: 0.5 log(4/3)
+    "teacher_topk": 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8),    # forward, bins {2}, {0, 1}
+    "teacher_topk/reverse": 0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5),
+    "sampled": math.log(0.3 / 0.25),  # y = 1, on-policy: log p(y) - log q(y)
+}
+
+
+def _hand_inputs(name: str, pad_with: float = float("nan")) -> EstimatorInputs:
+    """B = 1, T = 2: position 0 is P3 vs Q3; position 1 is padding whose teacher numbers are pad_with."""
+    logits = torch.stack([P3.log(), torch.zeros(3)])[None].requires_grad_()
+    mask = torch.tensor([[True, False]])
+    tokens = torch.tensor([[1, 0]])
+    pad = torch.tensor([pad_with])
+    if name == "sampled":
+        return EstimatorInputs(logits, tokens, mask, logp_sampler_BT=torch.tensor([[math.log(0.3), 0.0]]),
+                               logp_teacher_BT=torch.cat([Q3[1:2].log(), pad])[None])
+    if name == "full":
+        return EstimatorInputs(logits, tokens, mask, logp_teacher_BTk=torch.stack([Q3.log(), pad.expand(3)])[None])
+    ids = {"student_topk": 0, "teacher_topk": 2}[name]
+    return EstimatorInputs(logits, tokens, mask, ids_BTk=torch.tensor([[[ids], [7]]]),
+                           logp_teacher_BTk=torch.tensor([[[math.log(Q3[ids])], [pad_with]]]))
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_estimators_by_hand_with_nan_padding(name: str) -> None:
+    """Hand-worked values; NaN teacher numbers (and an out-of-vocabulary id) at padding change nothing."""
+    inp = _hand_inputs(name)
+    loss, m = estimator_loss(name, inp)
+    assert loss.item() == pytest.approx(HAND[name], abs=1e-6)
+    expected_rkl = HAND["teacher_topk/reverse"] if name == "teacher_topk" else HAND[name]
+    assert m["opd/reverse_kl"] == pytest.approx(expected_rkl, abs=1e-6)  # every estimator reports it
+    assert all(key.startswith("opd/") for key in m) and "opd/loss" in m
+    loss.backward()
+    assert torch.isfinite(inp.logits_BTV.grad).all() and (inp.logits_BTV.grad[0, 1] == 0).all()
+
+
+def test_topk_estimator_mass_metrics_and_full_forward_kl_by_hand() -> None:
+    _, m = estimator_loss("student_topk", _hand_inputs("student_topk"))
+    assert m["opd/student_topk_mass"] == pytest.approx(0.5) and m["opd/teacher_topk_mass"] == pytest.approx(0.25)
+    _, m = estimator_loss("teacher_topk", _hand_inputs("teacher_topk"))
+    assert m["opd/forward_kl"] == pytest.approx(HAND["teacher_topk"], abs=1e-6)
+    _, m = estimator_loss("full", _hand_inputs("full"))
+    assert m["opd/forward_kl"] == pytest.approx(float((Q3 * (Q3 / P3).log()).sum()), abs=1e-6)
+
+
+def _random_problem(seed: int, B: int = 2, T: int = 5, V: int = 7, k: int = 3):
+    """Student logits, a full teacher distribution, sampled tokens, a mask with padding, weights."""
+    g = _gen(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    t_BTV = torch.log_softmax(torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2, -1)
+    tokens = torch.randint(V, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -2:] = False
+    w = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    s_ids = logits.topk(k, dim=-1).indices
+    t_ids = t_BTV.topk(k, dim=-1).indices
+    return logits, t_BTV, tokens, mask, w, s_ids, t_ids
+
+
+def _inputs(name: str, logits, t_BTV, tokens, mask, w, s_ids, t_ids, num_tokens=None) -> EstimatorInputs:
+    logp_BTV = torch.log_softmax(logits.detach(), -1)
+    common = dict(weights_BT=w, num_tokens=num_tokens)
+    if name == "sampled":
+        return EstimatorInputs(logits, tokens, mask, logp_sampler_BT=logp_BTV.gather(-1, tokens[..., None])[..., 0],
+                               logp_teacher_BT=t_BTV.gather(-1, tokens[..., None])[..., 0], **common)
+    if name == "full":
+        return EstimatorInputs(logits, tokens, mask, logp_teacher_BTk=t_BTV, **common)
+    ids = s_ids if name == "student_topk" else t_ids
+    return EstimatorInputs(logits, tokens, mask, ids_BTk=ids, logp_teacher_BTk=t_BTV.gather(-1, ids), **common)
+
+
+def _binned(p_BTV: torch.Tensor, ids_BTk: torch.Tensor) -> torch.Tensor:
+    """[B, T, k + 1]: the probabilities of the k ids, then of everything else (plain formula)."""
+    head = p_BTV.gather(-1, ids_BTk)
+    return torch.cat([head, 1 - head.sum(-1, keepdim=True)], -1)
+
+
+def _plain_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * (a.log() - b.log())).sum(-1)
+
+
+def _plain_loss(name: str, logits, t_BTV, tokens, mask, w, s_ids, t_ids) -> torch.Tensor:
+    """The estimator's formula written out with softmax, sums and logs (float64), for autograd."""
+    p, q = torch.softmax(logits, -1), t_BTV.exp()
+    if name == "full":
+        kl = _plain_kl(p, q)
+    elif name == "student_topk":
+        kl = _plain_kl(_binned(p, s_ids), _binned(q, s_ids))
+    elif name == "teacher_topk":
+        kl = _plain_kl(_binned(q, t_ids), _binned(p, t_ids))
+    else:  # on-policy: rho = p(y) / stopgrad(p(y)), A = stopgrad(log q(y) - log p(y))
+        p_y, q_y = p.gather(-1, tokens[..., None])[..., 0], q.gather(-1, tokens[..., None])[..., 0]
+        kl = -(p_y / p_y.detach()) * (q_y.log() - p_y.log()).detach()
+    return (w * kl * mask).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_estimator_value_and_gradient_match_autograd_of_the_plain_formula(name: str) -> None:
+    problem = _random_problem(seed=10)
+    logits = problem[0].clone().requires_grad_()
+    ref_logits = problem[0].clone().requires_grad_()
+    loss, _ = estimator_loss(name, _inputs(name, logits, *problem[1:]))
+    ref = _plain_loss(name, ref_logits, *problem[1:])
+    loss.backward()
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-7, atol=1e-10)
+
+
+def test_sampled_estimator_is_unbiased_for_the_full_gradient() -> None:
+    """Weighting the sampled estimator's loss at every possible token y by p(y) (the weights compose)
+    gives exactly the gradient of the exact reverse KL: E_y[A grad log p(y)] = grad KL."""
+    V = 6
+    g = _gen(3)
+    logits_V = torch.randn(V, generator=g, dtype=torch.float64)
+    t_V = torch.log_softmax(torch.randn(V, generator=g, dtype=torch.float64), -1)
+    logits = logits_V.expand(V, 1, V).clone().requires_grad_()  # row y samples token y
+    tokens = torch.arange(V)[:, None]
+    p_y = torch.softmax(logits_V, -1)[:, None]
+    inp = EstimatorInputs(logits, tokens, torch.ones(V, 1, dtype=torch.bool),
+                          logp_sampler_BT=p_y.log(), logp_teacher_BT=t_V[:, None], weights_BT=p_y, num_tokens=1.0)
+    estimator_loss("sampled", inp)[0].backward()
+    full_logits = logits_V[None, None].clone().requires_grad_()
+    estimator_loss("full", EstimatorInputs(full_logits, tokens[:1], torch.ones(1, 1, dtype=torch.bool),
+                                           logp_teacher_BTk=t_V[None, None]))[0].backward()
+    torch.testing.assert_close(logits.grad.sum(0), full_logits.grad[0], rtol=1e-9, atol=1e-12)
+
+
+def test_full_equals_exact_kl_and_topk_with_k_equal_v_equals_full() -> None:
+    logits, t_BTV, tokens, mask, w, _, _ = _random_problem(seed=11)
+    perm = torch.argsort(torch.rand(logits.shape, generator=_gen(12)), -1)  # every id once, shuffled
+    grads, losses = {}, {}
+    for name, kw in [("full", dict(logp_teacher_BTk=t_BTV)),
+                     ("full_by_ids", dict(ids_BTk=perm, logp_teacher_BTk=t_BTV.gather(-1, perm))),
+                     ("student_topk", dict(ids_BTk=perm, logp_teacher_BTk=t_BTV.gather(-1, perm)))]:
+        x = logits.clone().requires_grad_()
+        loss, m = estimator_loss(name.removesuffix("_by_ids"), EstimatorInputs(x, tokens, mask, weights_BT=w, **kw))
+        loss.backward()
+        grads[name], losses[name] = x.grad, (loss.item(), m["opd/reverse_kl"])
+    exact = torch.nn.functional.kl_div(t_BTV, torch.log_softmax(logits, -1), log_target=True, reduction="none").sum(-1)
+    assert losses["full"][1] == pytest.approx(float(exact[mask].mean()), rel=1e-9)
+    assert losses["full"][0] == pytest.approx(float((w * exact)[mask].sum() / mask.sum()), rel=1e-9)
+    for name in ("full_by_ids", "student_topk"):
+        assert losses[name] == pytest.approx(losses["full"], rel=1e-9)
+        torch.testing.assert_close(grads[name], grads["full"], rtol=1e-7, atol=1e-10)
+    fwd = estimator_loss("teacher_topk", EstimatorInputs(logits, tokens, mask, ids_BTk=perm,
+                                                         logp_teacher_BTk=t_BTV.gather(-1, perm)))[1]
+    exact_fwd = (t_BTV.exp() * (t_BTV - torch.log_softmax(logits, -1))).sum(-1)
+    assert fwd["opd/forward_kl"] == pytest.approx(float(exact_fwd[mask].mean()), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_weights_compose_and_micro_batches_add_up(name: str) -> None:
+    """L(w) = (1/N) sum_t m_t w_t l_t token by token; micro-batches normalised by the whole batch's
+    count add up to the batch's loss and gradient; a zero weight silences its token."""
+    logits, t_BTV, tokens, mask, w, s_ids, t_ids = _random_problem(seed=13, B=4)
+    N = float(mask.sum())
+    x = logits.clone().requires_grad_()
+    whole, _ = estimator_loss(name, _inputs(name, x, t_BTV, tokens, mask, w, s_ids, t_ids))
+    whole.backward()
+    parts, x_parts = 0.0, logits.clone().requires_grad_()
+    for rows in (slice(0, 1), slice(1, 4)):
+        part, _ = estimator_loss(name, _inputs(name, x_parts[rows], t_BTV[rows], tokens[rows], mask[rows], w[rows],
+                                               s_ids[rows], t_ids[rows], num_tokens=N))
+        part.backward()
+        parts += part.item()
+    assert parts == pytest.approx(whole.item(), rel=1e-9)
+    torch.testing.assert_close(x_parts.grad, x.grad, rtol=1e-9, atol=1e-12)
+    per_token = []
+    for b, t in mask.nonzero().tolist():
+        one = torch.zeros_like(mask)
+        one[b, t] = True
+        per_token.append(w[b, t] * estimator_loss(name, _inputs(name, logits, t_BTV, tokens, one, torch.ones_like(w),
+                                                                s_ids, t_ids, num_tokens=N))[0])
+    assert float(sum(per_token)) == pytest.approx(whole.item(), rel=1e-9)
+    w0 = w.clone()
+    w0[1, 2] = 0.0
+    y = logits.clone().requires_grad_()
+    estimator_loss(name, _inputs(name, y, t_BTV, tokens, mask, w0, s_ids, t_ids))[0].backward()
+    assert (y.grad[1, 2] == 0).all() and (y.grad[1, 1] != 0).any()
+
+
+def test_estimator_registry_and_input_errors() -> None:
+    with pytest.raises(ConfigurationError, match="unknown OPD estimator 'exact'; valid: sampled, student_topk, "
+                                                 "teacher_topk, full"):
+        get_estimator("exact")
+    logits, t_BTV, tokens, mask, w, s_ids, _ = _random_problem(seed=14)
+    bare = EstimatorInputs(logits, tokens, mask)
+    with pytest.raises(InvalidInputError, match=r"'student_topk' needs ids_BTk, logp_teacher_BTk \(Score\(candidate"):
+        estimator_loss("student_topk", bare)
+    with pytest.raises(InvalidInputError, match="this OPD estimator needs logp_sampler_BT"):
+        ESTIMATORS["sampled"].loss(bare, OPDConfig())
+    with pytest.raises(InvalidInputError, match="needs the teacher's log-prob of all 7 ids per position, got 3"):
+        estimator_loss("full", EstimatorInputs(logits, tokens, mask, logp_teacher_BTk=t_BTV[..., :3]))
+    dup = torch.zeros_like(t_BTV, dtype=torch.long)
+    with pytest.raises(InvalidInputError, match="must list every vocabulary id once"):
+        estimator_loss("full", EstimatorInputs(logits, tokens, mask, ids_BTk=dup, logp_teacher_BTk=t_BTV))
+    with pytest.raises(InvalidInputError, match=r"logits_BTV has shape \[2, 5, 7\]; mask_BT is \[2, 4\]"):
+        EstimatorInputs(logits, tokens[:, :4], mask[:, :4])
+    with pytest.raises(InvalidInputError, match=r"weights_BT has shape \[2\], not \[2, 5\]"):
+        EstimatorInputs(logits, tokens, mask, weights_BT=w[:, 0])
+    with pytest.raises(InvalidInputError, match="ids_BTk .* needs logp_teacher_BTk of the same shape"):
+        EstimatorInputs(logits, tokens, mask, ids_BTk=s_ids)
+    with pytest.raises(InvalidInputError, match=r"ids outside the vocabulary \[0, 7\)"):
+        EstimatorInputs(logits, tokens, mask, ids_BTk=s_ids + 7, logp_teacher_BTk=t_BTV[..., :3])

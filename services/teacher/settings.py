@@ -21,3 +21,5 @@ class TeacherSettings(ModelServerSettings):
     http_port: int = Field(8001, description="REST status port (0 = any free port)")
     engine: Literal["auto", "hf", "vllm"] = Field("auto", description="auto = vllm on a GPU, hf on a CPU")
     gpu_memory_utilization: float = Field(0.45, description="Fraction of GPU memory vLLM may take")
+    max_candidate_ids: int = Field(64, ge=0, description="Most caller-chosen candidate ids per scored row (0 = none); "
+                                                         "the built-in task's whole vocabulary is 41")

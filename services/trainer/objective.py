@@ -29,7 +29,7 @@ TRAJ_NORMALISATIONS = ("response_tokens", "window_tokens")
 # 0.7 * 10 == 7.000000000000001 must count as 7 items, not 8 (relative, so a tiny q still keeps 1).
 _FRAC_SLACK = 1e-12
 # -inf teacher log-probs (padding, impossible tokens) become this, so 0 * inf never reaches a gradient.
-_LOGP_FLOOR = -1e4
+LOGP_FLOOR = -1e4
 
 
 def check_choice(what: str, value: str, valid: tuple[str, ...]) -> None:
@@ -103,7 +103,8 @@ def discount_backward(x_BT: Tensor, mask_BT: Tensor, gamma: float) -> Tensor:
 
 @dataclass(frozen=True)
 class OPDConfig:
-    """Knobs of the sampled-token OPD loss."""
+    """Knobs of the OPD loss: adv_clip, kl_discount and advantage_from shape the sampled-token
+    estimator (`opd_loss`), tail_eps the top-k ones (services/trainer/estimators.py)."""
 
     # Clip A_t to [-c, c] after discounting; None = off. Bounds the per-token gradient scale: the
     # CPU prototype saw A_t of -8 to -10 nats once the student had gone wrong.
@@ -111,6 +112,7 @@ class OPDConfig:
     kl_discount: float = 0.0  # gamma of `discount_backward`; 0 = off
     # Student log-prob inside A_t: "sampler" (the policy that sampled, as tinker) or "current" (detached).
     advantage_from: str = "sampler"
+    tail_eps: float = 1e-6  # floor of the tail buckets' mass in the top-k estimators (`tail_logprob`)
 
     def __post_init__(self) -> None:
         check_choice("advantage_from", self.advantage_from, ADVANTAGE_SOURCES)
@@ -195,7 +197,7 @@ def topk_forward_kl(student_logp_Xk: Tensor, teacher_logp_Xk: Tensor, tail_eps: 
     Binning the vocabulary into k + 1 bins keeps it a true KL (>= 0, 0 iff the bins agree); with
     k = V it is the full-vocabulary KL (the teacher's tail is 0 and adds nothing). [X, k] -> [X].
     """
-    t_Xk = teacher_logp_Xk.detach().clamp(min=_LOGP_FLOOR)
+    t_Xk = teacher_logp_Xk.detach().clamp(min=LOGP_FLOOR)
     pT_Xk = t_Xk.exp()
     head_X = (pT_Xk * (t_Xk - student_logp_Xk)).sum(-1)
     pT_tail_X = (-torch.expm1(torch.logsumexp(t_Xk, dim=-1))).clamp(min=0.0)
@@ -215,7 +217,7 @@ def topk_reverse_kl(
     negative; with it, a true KL between binned distributions that also charges the student for
     mass it puts outside the k ids. Gradient flows through the student only. [X, k] -> [X].
     """
-    t_Xk = teacher_logp_Xk.detach().clamp(min=_LOGP_FLOOR)
+    t_Xk = teacher_logp_Xk.detach().clamp(min=LOGP_FLOOR)
     kl_X = (student_logp_Xk.exp() * (student_logp_Xk - t_Xk)).sum(-1)
     if not tail:
         return kl_X

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from topd_client.wire.topd.v1 import common_pb2 as topd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15topd/v1/teacher.proto\x12\x07topd.v1\x1a\x14topd/v1/common.proto\"H\n\rScoreSequence\x12\x1f\n\x06tokens\x18\x01 \x01(\x0b\x32\x0f.topd.v1.Tensor\x12\x16\n\x0eresponse_start\x18\x02 \x01(\x05\"r\n\x0cScoreRequest\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.topd.v1.ScoreSequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\x90\x01\n\x0bScoreResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\'\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x0f.topd.v1.Tensor\x12!\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x0f.topd.v1.Tensor\x12&\n\rtopk_logprobs\x18\x04 \x01(\x0b\x32\x0f.topd.v1.Tensor\"6\n\rScoreResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.topd.v1.ScoreResult\"\\\n\x0fGenerateRequest\x12 \n\x07prompts\x18\x01 \x03(\x0b\x32\x0f.topd.v1.Tensor\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.topd.v1.SamplingParams2\xf5\x01\n\x07Teacher\x12\x33\n\x07GetInfo\x12\x14.topd.v1.InfoRequest\x1a\x12.topd.v1.ModelInfo\x12\x36\n\x05Score\x12\x15.topd.v1.ScoreRequest\x1a\x16.topd.v1.ScoreResponse\x12<\n\x0bScoreStream\x12\x15.topd.v1.ScoreRequest\x1a\x14.topd.v1.ScoreResult0\x01\x12?\n\x08Generate\x12\x18.topd.v1.GenerateRequest\x1a\x19.topd.v1.GenerateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15topd/v1/teacher.proto\x12\x07topd.v1\x1a\x14topd/v1/common.proto\"p\n\rScoreSequence\x12\x1f\n\x06tokens\x18\x01 \x01(\x0b\x32\x0f.topd.v1.Tensor\x12\x16\n\x0eresponse_start\x18\x02 \x01(\x05\x12&\n\rcandidate_ids\x18\x03 \x01(\x0b\x32\x0f.topd.v1.Tensor\"r\n\x0cScoreRequest\x12)\n\tsequences\x18\x01 \x03(\x0b\x32\x16.topd.v1.ScoreSequence\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0e\n\x0c_temperature\"\xbd\x01\n\x0bScoreResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\'\n\x0etoken_logprobs\x18\x02 \x01(\x0b\x32\x0f.topd.v1.Tensor\x12!\n\x08topk_ids\x18\x03 \x01(\x0b\x32\x0f.topd.v1.Tensor\x12&\n\rtopk_logprobs\x18\x04 \x01(\x0b\x32\x0f.topd.v1.Tensor\x12+\n\x12\x63\x61ndidate_logprobs\x18\x05 \x01(\x0b\x32\x0f.topd.v1.Tensor\"6\n\rScoreResponse\x12%\n\x07results\x18\x01 \x03(\x0b\x32\x14.topd.v1.ScoreResult\"\\\n\x0fGenerateRequest\x12 \n\x07prompts\x18\x01 \x03(\x0b\x32\x0f.topd.v1.Tensor\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.topd.v1.SamplingParams2\xf5\x01\n\x07Teacher\x12\x33\n\x07GetInfo\x12\x14.topd.v1.InfoRequest\x1a\x12.topd.v1.ModelInfo\x12\x36\n\x05Score\x12\x15.topd.v1.ScoreRequest\x1a\x16.topd.v1.ScoreResponse\x12<\n\x0bScoreStream\x12\x15.topd.v1.ScoreRequest\x1a\x14.topd.v1.ScoreResult0\x01\x12?\n\x08Generate\x12\x18.topd.v1.GenerateRequest\x1a\x19.topd.v1.GenerateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'topd.v1.teacher_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCORESEQUENCE']._serialized_start=56
-  _globals['_SCORESEQUENCE']._serialized_end=128
-  _globals['_SCOREREQUEST']._serialized_start=130
-  _globals['_SCOREREQUEST']._serialized_end=244
-  _globals['_SCORERESULT']._serialized_start=247
-  _globals['_SCORERESULT']._serialized_end=391
-  _globals['_SCORERESPONSE']._serialized_start=393
-  _globals['_SCORERESPONSE']._serialized_end=447
-  _globals['_GENERATEREQUEST']._serialized_start=449
-  _globals['_GENERATEREQUEST']._serialized_end=541
-  _globals['_TEACHER']._serialized_start=544
-  _globals['_TEACHER']._serialized_end=789
+  _globals['_SCORESEQUENCE']._serialized_end=168
+  _globals['_SCOREREQUEST']._serialized_start=170
+  _globals['_SCOREREQUEST']._serialized_end=284
+  _globals['_SCORERESULT']._serialized_start=287
+  _globals['_SCORERESULT']._serialized_end=476
+  _globals['_SCORERESPONSE']._serialized_start=478
+  _globals['_SCORERESPONSE']._serialized_end=532
+  _globals['_GENERATEREQUEST']._serialized_start=534
+  _globals['_GENERATEREQUEST']._serialized_end=626
+  _globals['_TEACHER']._serialized_start=629
+  _globals['_TEACHER']._serialized_end=874
 # @@protoc_insertion_point(module_scope)

@@ -67,7 +67,8 @@ class TeacherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Score(self, request, context):
-        """Teacher logprobs of every response token, and the top-k at each response position.
+        """Teacher logprobs of every response token, the top-k at each response position, and (when a
+        sequence names them) the logprobs of caller-chosen candidate ids at each response position.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
