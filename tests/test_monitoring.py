@@ -18,13 +18,11 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.common.compose_local import load_services
 from services.common.runner import start_service
 from services.common.status_app import ServiceState
-from services.common.compose_local import load_services
 from services.rollout.service import start_rollout
 from services.rollout.settings import RolloutSettings
-from services.teacher.service import start_teacher
-from services.teacher.settings import TeacherSettings
 from services.trainer.metrics import PHASES, register_trainer_metrics
 from topd_client import RolloutClient, TeacherClient
 
@@ -114,11 +112,10 @@ def scrape(port: int) -> dict[str, list[dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_model) -> dict[str, dict[str, list[dict[str, str]]]]:
+def exported(tiny_model, tiny_teacher_run) -> dict[str, dict[str, list[dict[str, str]]]]:
     """job -> the series its running service exports, after it has served some traffic."""
-    common = dict(model=str(tiny_model), grpc_port=0, http_port=0, engine="hf", max_top_k=8, max_seq_len=64)
-    teacher = start_teacher(TeacherSettings(**common))
-    rollout = start_rollout(RolloutSettings(**common))
+    teacher = tiny_teacher_run
+    rollout = start_rollout(RolloutSettings(model=str(tiny_model), grpc_port=0, http_port=0, engine="hf"))
     registry = CollectorRegistry()
     trainer_metrics = register_trainer_metrics(registry)
     trainer = start_service(ServiceState("trainer", registry, lambda: {}), host="127.0.0.1", grpc_port=None,
@@ -143,7 +140,7 @@ def exported(tiny_model) -> dict[str, dict[str, list[dict[str, str]]]]:
         yield {"teacher": scrape(teacher.endpoints.http_port), "rollout": scrape(rollout.endpoints.http_port),
                "trainer": scrape(trainer.endpoints.http_port)}
     finally:
-        for run in (trainer, rollout, teacher):
+        for run in (trainer, rollout):
             run.stop()
 
 

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="raw JSON")
     st.add_argument("--timeout", type=float, default=5.0)
     st.set_defaults(func=_status)
+    from topd_client.top import add_top_command
+
+    add_top_command(sub)
     _add_optional_commands(sub)
     return parser
 
