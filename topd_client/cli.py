@@ -60,6 +60,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:
     st.add_argument("--json", action="store_true", help="raw JSON")
     st.add_argument("--timeout", type=float, default=5.0)
     st.set_defaults(func=_status)
+    from topd_client.top import add_top_command
+
+    add_top_command(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,9 +3,10 @@
 A test starts the stack of a compose profile without Docker::
 
     compose = Path("docker-compose.yml")
-    ports = {port: free_port() for port in compose_ports(compose, "cpu")}
-    remap = LocalRemap(ports=ports, paths={"/data": str(tmp / "data"), "/checkpoints": str(tmp / "ckpt")})
-    services = load_services(compose, "cpu", remap)
+    ports = {port: free_port() for port in compose_ports(compose)}
+    remap = LocalRemap(ports=ports, paths={"/data": str(tmp / "data"), "/checkpoints": str(tmp / "ckpt"),
+                                           "/run/topd": str(tmp / "auth"), "/weights-shm": str(tmp / "shm")})
+    services = load_services(compose, remap=remap)
     for name in start_order(services):
         svc = services[name]   # svc.argv == ("topd", "teacher"), svc.env: the compose environment
         subprocess.Popen(svc.argv, env={**os.environ, **svc.env})
@@ -27,6 +28,8 @@ from typing import Any, Mapping
 import yaml
 
 EXECUTABLE = "topd"
+# What a service may run besides topd: python3 (the one-shot `token` service's inline script).
+EXECUTABLES = (EXECUTABLE, "python3")
 LOOPBACK = "127.0.0.1"
 
 _VARIABLE = re.compile(
@@ -61,7 +64,8 @@ class LocalRemap:
 class LocalService:
     """One compose service as a local process.
 
-    argv: entrypoint + command, the executable being ``topd`` (e.g. ``("topd", "teacher")``).
+    argv: entrypoint + command, the executable being ``topd`` (e.g. ``("topd", "teacher")``) or
+        ``python3`` (the one-shot ``token`` service).
     env: the service's compose environment after interpolation and remapping (add it to os.environ).
     depends_on: service -> condition (``service_healthy``, ``service_completed_successfully``, ...).
     http_port: the local port of its REST API (``/readyz``, ``/status``), None for one-shot services.
@@ -125,13 +129,15 @@ def read_compose(compose_file: str | Path, variables: Mapping[str, str] | None =
     return _interpolate_tree(document, variables or {})
 
 
-def profile_services(document: Mapping[str, Any], profile: str) -> dict[str, dict[str, Any]]:
-    """The services a ``--profile PROFILE`` run starts: those in that profile and those in none."""
+def profile_services(document: Mapping[str, Any], profile: str | None = None) -> dict[str, dict[str, Any]]:
+    """The services a ``--profile PROFILE`` run starts: those in that profile and those in none
+    (profile None: a plain ``docker compose up``, only those in none)."""
     services = document["services"]
     known = {p for spec in services.values() for p in spec.get("profiles", [])}
-    if profile not in known:
+    if profile is not None and profile not in known:
         raise ComposeFileError(f"unknown profile {profile!r}; the file has {sorted(known)}")
-    return {name: spec for name, spec in services.items() if profile in spec.get("profiles", [profile])}
+    return {name: spec for name, spec in services.items()
+            if not spec.get("profiles") or profile in spec["profiles"]}
 
 
 def _as_argv(value: Any) -> list[str]:
@@ -155,7 +161,8 @@ def _as_depends_on(value: Any) -> dict[str, str]:
     return {name: (spec or {}).get("condition", "service_started") for name, spec in (value or {}).items()}
 
 
-def compose_ports(compose_file: str | Path, profile: str, variables: Mapping[str, str] | None = None) -> list[int]:
+def compose_ports(compose_file: str | Path, profile: str | None = None,
+                  variables: Mapping[str, str] | None = None) -> list[int]:
     """The container ports a profile's services use (``*_PORT`` settings), to choose local ones for."""
     services = profile_services(read_compose(compose_file, variables), profile)
     ports = {int(value) for spec in services.values()
@@ -185,9 +192,9 @@ def _remap_value(key: str, value: str, service_names: frozenset[str], remap: Loc
 def _local_service(name: str, spec: Mapping[str, Any], service_names: frozenset[str],
                    remap: LocalRemap) -> LocalService:
     argv = _as_argv(spec.get("entrypoint")) or [EXECUTABLE]
-    if Path(argv[0]).name != EXECUTABLE:
-        raise ComposeFileError(f"service {name} runs {argv[0]!r}, not {EXECUTABLE}")
-    argv = [EXECUTABLE, *argv[1:], *_as_argv(spec.get("command"))]
+    if Path(argv[0]).name not in EXECUTABLES:
+        raise ComposeFileError(f"service {name} runs {argv[0]!r}, not one of {', '.join(EXECUTABLES)}")
+    argv = [Path(argv[0]).name, *argv[1:], *_as_argv(spec.get("command"))]
     env = {key: _remap_value(key, value, service_names, remap)
            for key, value in _as_env(spec.get("environment")).items()}
     argv = [argv[0], *(_remap_value("", arg, service_names, remap) for arg in argv[1:])]
@@ -202,7 +209,7 @@ def _local_service(name: str, spec: Mapping[str, Any], service_names: frozenset[
     )
 
 
-def load_services(compose_file: str | Path, profile: str, remap: LocalRemap = LocalRemap(),
+def load_services(compose_file: str | Path, profile: str | None = None, remap: LocalRemap = LocalRemap(),
                   variables: Mapping[str, str] | None = None) -> dict[str, LocalService]:
     """Every service of ``profile`` as a local process (see the module docstring)."""
     services = profile_services(read_compose(compose_file, variables), profile)
