@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore"):  # one line per health poll otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.command in ("train", "demo", "prepare"):
+    if args.command in ("demo", "prepare"):  # `train` stops cleanly on its own (services/trainer/cli.py)
         interrupt_on_signals()
     try:
         return int(args.func(args) or 0)

@@ -11,6 +11,7 @@ import torch
 from scipy import stats
 
 from services.trainer.diagnostics import batch_diagnostics, pearson, roc_auc, spearman
+from services.trainer.kl import gather_logprobs, topk_forward_kl, topk_reverse_kl
 from services.trainer.objective import (
     VARIANTS,
     Detection,
@@ -22,14 +23,11 @@ from services.trainer.objective import (
     divergent_by_fraction,
     divergent_by_threshold,
     fraction_count,
-    gather_logprobs,
     get_variant,
     opd_advantages,
     opd_loss,
     select_candidates,
     token_loss,
-    topk_forward_kl,
-    topk_reverse_kl,
     traj_loss,
     traj_num_tokens,
     variant_weights,

@@ -56,7 +56,7 @@ class CheckedScore:
         out = self.real(clients, samples, temperature)
         client = dict(clients.teacher.metadata)["client-id"]
         worst = 0.0
-        for got, p, y in zip(out, samples.prompt_ids, samples.response_ids):
+        for got, p, y in zip(out.token_logp, samples.prompt_ids, samples.response_ids):
             assert len(got) == len(y), "one teacher score per response token"
             want_T = self.teacher_logprobs(torch.cat([p, y]), len(p), temperature)
             worst = max(worst, float((torch.tensor(got).double() - want_T).abs().max()))

@@ -88,6 +88,25 @@ def test_three_steps_of_each_variant(models, stack, tmp_path, objective):
     assert (tmp_path / objective / "checkpoints" / "latest").exists()
 
 
+@pytest.mark.parametrize("estimator", ["student_topk", "teacher_topk"])
+def test_each_opd_estimator_trains_against_the_services(models, stack, tmp_path, estimator):
+    """The estimator's teacher call (top-k, or the sampler's top-k ids as candidate ids) is wired."""
+    result = train(_settings(models, stack, tmp_path / estimator, objective="topd", max_steps=2,
+                             opd_estimator=estimator, estimator_top_k=8))
+    rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert np.isfinite(r["loss/opd"]) and r["opd/reverse_kl"] >= 0  # a binned KL, not a one-sample estimate
+        assert 0 < r["opd/teacher_topk_mass"] <= 1 and 0 < r["opd/student_topk_mass"] <= 1
+
+
+def test_full_estimator_needs_the_whole_vocabulary_from_the_teacher(models, stack, tmp_path):
+    from topd_client.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="opd_estimator=full needs 384 ids per position"):
+        train(_settings(models, stack, tmp_path / "full", max_steps=1, opd_estimator="full"))
+
+
 def test_resume_reaches_the_same_loss(models, stack, tmp_path):
     """Uninterrupted 3 steps vs 2 steps + resume: step 3's loss is the same."""
     from tests.procs import service as svc
@@ -127,8 +146,8 @@ def test_nonfinite_loss_skips_the_step(models, stack, tmp_path, monkeypatch):
         out = real(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 2:
-            out[0] = out[0].copy()
-            out[0][0] = float("nan")
+            out.token_logp[0] = out.token_logp[0].copy()
+            out.token_logp[0][0] = float("nan")
         return out
 
     monkeypatch.setattr(ServiceClients, "score", poisoned)

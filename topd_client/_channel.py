@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -35,20 +37,38 @@ def to_topd_error(err: grpc.RpcError) -> Exception:
 
 
 class BaseClient:
-    """A channel to one service (or a DNS name of many replicas, balanced round robin)."""
+    """A channel to one service (or a DNS name of many replicas, balanced round robin).
+
+    Retryable failures (UNAVAILABLE: down, restarting, still loading; RESOURCE_EXHAUSTED: queue
+    full) are retried with jittered exponential backoff for up to `retry_for_s` seconds in all
+    (`retries` caps the count; 0 = no retry), logging "waiting for <kind> at ADDR (down N s)" at a
+    steady pace. `down_since` says since when the service has not answered (None while it does);
+    `reconnected` counts recoveries, so a caller can re-check what it talks to after one.
+    """
+
+    kind = "service"  # what the logs call it: "teacher", "rollout"
 
     def __init__(self, address: str, *, token: str | None = None, client_id: str | None = None,
-                 timeout: float = 600.0, max_message_mb: int = 256, retries: int = 5, backoff_s: float = 0.2) -> None:
+                 timeout: float = 600.0, max_message_mb: int = 256, retry_for_s: float = 30.0,
+                 retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> None:
         self.address = address
         self.timeout = timeout
+        self.retry_for_s = retry_for_s
         self.retries = retries
-        self.backoff_s = backoff_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.down_since: float | None = None
+        self.reconnected = 0
+        self.stop_event: threading.Event | None = None  # set it to end a wait early (UnavailableError)
+        # Jitter from a private generator: trainers with one seed must not retry in lockstep.
+        self._jitter = random.Random(int.from_bytes(os.urandom(8), "little"))
         limit = max_message_mb << 20
         service_config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
             ("grpc.service_config", service_config), ("grpc.enable_retries", 0),
             ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_permit_without_calls", 1),
+            # reconnect to a restarted service quickly (gRPC's default backoff grows to 120 s)
+            ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2_000),
         ])
         md = []
         if client_id:
@@ -67,21 +87,24 @@ class BaseClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def call(self, fn: Callable[..., T], request, *, timeout: float | None = None, retry: bool = True) -> T:
-        """Invoke a unary RPC; retry UNAVAILABLE / RESOURCE_EXHAUSTED with jittered exponential backoff."""
-        attempts = self.retries + 1 if retry else 1
-        for attempt in range(attempts):
+    def call(self, fn: Callable[..., T], request, *, timeout: float | None = None) -> T:
+        """Invoke an RPC; retry UNAVAILABLE / RESOURCE_EXHAUSTED for up to `retry_for_s` (see the class)."""
+        waiting = _Wait(self)
+        while True:
             try:
-                return fn(request, timeout=timeout or self.timeout, metadata=self.metadata)
+                out = fn(request, timeout=timeout or self.timeout, metadata=self.metadata)
             except grpc.RpcError as err:
-                if err.code() in RETRYABLE and attempt + 1 < attempts:
-                    delay = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
-                    log.warning("%s: %s, retry %d/%d in %.2fs", self.address, err.code().name, attempt + 1,
-                                attempts - 1, delay)
-                    time.sleep(delay)
-                    continue
-                raise to_topd_error(err) from None
-        raise AssertionError("unreachable")
+                if err.code() not in RETRYABLE or not waiting.another(err):
+                    raise to_topd_error(err) from None
+                continue
+            waiting.done()
+            return out
+
+    def _stopping(self) -> bool:
+        return self.stop_event is not None and self.stop_event.is_set()
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + self._jitter.random())
 
     def healthy(self, service: str = "") -> bool:
         try:
@@ -93,7 +116,53 @@ class BaseClient:
     def wait_ready(self, timeout: float = 300.0, service: str = "") -> None:
         """Block until the health service says SERVING, or raise UnavailableError after `timeout`."""
         deadline = time.monotonic() + timeout
+        waiting = _Wait(self, report_every_s=10.0)
         while not self.healthy(service):
-            if time.monotonic() > deadline:
-                raise UnavailableError(f"{self.address} not ready after {timeout:.0f}s")
-            time.sleep(0.2)
+            if time.monotonic() > deadline or self._stopping():
+                why = "stopping" if self._stopping() else f"not ready after {timeout:.0f}s"
+                raise UnavailableError(f"{self.kind} at {self.address} {why} (is it running and reachable?)")
+            waiting.note("not serving yet")
+            time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+        waiting.done()
+
+
+class _Wait:
+    """One call's retries: backoff, the "waiting for ..." log lines, the client's down/recovered state."""
+
+    def __init__(self, client: BaseClient, report_every_s: float = 10.0) -> None:
+        self.client = client
+        self.start = time.monotonic()
+        self.attempt = 0
+        self.report_every_s = report_every_s
+        self.last_report = 0.0
+
+    def note(self, why: str) -> None:
+        c, now = self.client, time.monotonic()
+        if c.down_since is None:
+            c.down_since = now
+        if now - self.last_report >= self.report_every_s or self.last_report == 0.0:
+            log.warning("waiting for %s at %s (down %.0f s): %s", c.kind, c.address, now - c.down_since, why)
+            self.last_report = now
+
+    def another(self, err: grpc.RpcError) -> bool:
+        """Sleep before the next attempt; False when the window, the count or a stop request ends it."""
+        c = self.client
+        if c.retries is not None and self.attempt >= c.retries:
+            return False
+        delay = c._backoff(self.attempt)
+        if c._stopping() or time.monotonic() + delay - self.start > c.retry_for_s:
+            return False
+        self.note(f"{err.code().name}: {err.details()}")
+        self.attempt += 1
+        if c.stop_event is not None:
+            c.stop_event.wait(delay)
+        else:
+            time.sleep(delay)
+        return not c._stopping()
+
+    def done(self) -> None:
+        c = self.client
+        if c.down_since is not None:
+            log.info("%s at %s answers again after %.0f s", c.kind, c.address, time.monotonic() - c.down_since)
+            c.down_since = None
+            c.reconnected += 1

@@ -25,6 +25,7 @@ class ModelInfo:
     policy_version: int
     eos_token_id: int
     max_candidate_ids: int = 0  # teacher: most candidate ids per Score row; rollout: 0
+    instance_id: str = ""  # random per service start: a change means it restarted
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class Completion:
 
 def info_from_wire(m: common_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(m.model, m.revision, m.vocab_size, m.max_seq_len, m.dtype, m.engine, m.device,
-                     m.tokenizer_fingerprint, m.max_top_k, m.policy_version, m.eos_token_id, m.max_candidate_ids)
+                     m.tokenizer_fingerprint, m.max_top_k, m.policy_version, m.eos_token_id, m.max_candidate_ids,
+                     m.instance_id)
 
 
 def sampling_to_wire(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None, top_k: int,

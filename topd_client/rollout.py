@@ -36,6 +36,8 @@ class RolloutClient(BaseClient):
     >>> rollout.update_weights(model.state_dict(), version=1)
     """
 
+    kind = "rollout"
+
     def __init__(self, address: str, **kwargs) -> None:
         super().__init__(address, **kwargs)
         self._stub = rollout_pb2_grpc.RolloutStub(self._channel)

@@ -36,6 +36,8 @@ class TeacherClient(BaseClient):
     >>> teacher.score([ids], [prompt_len], candidate_ids=[student_topk_ids_Rc])[0].candidate_logprobs
     """
 
+    kind = "teacher"
+
     def __init__(self, address: str, **kwargs) -> None:
         super().__init__(address, **kwargs)
         self._stub = teacher_pb2_grpc.TeacherStub(self._channel)

@@ -75,18 +75,31 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
     return proc.returncode
 
 
-@contextmanager
-def service(kind: str, model: str | Path, tmp: Path, *args: str, env: dict | None = None):
-    """`topd <kind> --model M --grpc-port P --http-port H ...` until the block ends."""
-    grpc_port, http_port = free_port(), free_port()
-    log = tmp / f"{kind}-{grpc_port}.log"
+def launch(kind: str, model: str | Path, logs: Path, *args: str, grpc_port: int | None = None,
+           http_port: int | None = None, env: dict | None = None, wait: bool = True) -> Proc:
+    """Start `topd <kind> --model M --grpc-port P --http-port H ...` (free ports unless given: a
+    service restarted on its old ports is the same address to its clients); wait until it is ready."""
+    grpc_port, http_port = grpc_port or free_port(), http_port or free_port()
+    log = logs / f"{kind}-{grpc_port}.log"
     cmd = [sys.executable, "-m", "services.cli", kind, "--model", str(model), "--grpc-port", str(grpc_port),
            "--http-port", str(http_port), *args]
-    with open(log, "w") as out:
+    with open(log, "a") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+    if wait:
+        try:
+            wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc, log)
+        except BaseException:
+            stop(proc)
+            raise
+    return Proc(grpc_port, http_port, proc, log)
+
+
+@contextmanager
+def service(kind: str, model: str | Path, tmp: Path, *args: str, env: dict | None = None):
+    """`launch(...)` until the block ends."""
+    proc = launch(kind, model, tmp, *args, env=env)
     try:
-        wait_ready(f"http://127.0.0.1:{http_port}/readyz", proc, log)
-        yield Proc(grpc_port, http_port, proc, log)
+        yield proc
     finally:
-        stop(proc)
+        stop(proc.proc)

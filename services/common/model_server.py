@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Any, Callable, Hashable, Literal
 
 import grpc
@@ -62,6 +63,7 @@ class ModelServerCore:
         self.settings = settings
         self.engine: Engine | None = None
         self.version = 0
+        self.instance_id = uuid.uuid4().hex  # clients notice a restart when it changes
         self.engine_lock = threading.Lock()
         self.stats = TrafficStats(registry)
         self.batcher = DynamicBatcher(self._run_batch, max_batch_tokens=settings.max_batch_tokens,
@@ -121,7 +123,8 @@ class ModelServerCore:
         return common_pb2.ModelInfo(model=m.model, revision=m.revision, vocab_size=m.vocab_size,
                                     max_seq_len=m.max_seq_len, dtype=m.dtype, engine=m.engine, device=m.device,
                                     tokenizer_fingerprint=m.tokenizer_fingerprint, eos_token_id=m.eos_token_id,
-                                    max_top_k=self.settings.max_top_k, policy_version=self.version)
+                                    max_top_k=self.settings.max_top_k, policy_version=self.version,
+                                    instance_id=self.instance_id)
 
     def status(self) -> dict[str, Any]:
         meta = self.engine.meta if self.engine is not None else None

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from topd_client.errors import TopdError
+
 MANIFEST = "manifest.json"
+
+
+class StorageError(TopdError, OSError):
+    """The run directory cannot be written (full disk, read-only mount): one line naming the path."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -38,29 +44,38 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save(root: Path, step: int, model, tokenizer, optimizer, scheduler, trainer_state: dict[str, Any],
          manifest: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` under root/checkpoints atomically; prune to the newest `keep`."""
+    """Write checkpoint `step` under root/checkpoints atomically; prune to the newest `keep`.
+
+    A failure (a full disk) leaves the checkpoints that were there and raises StorageError, one line."""
     ckpt_root = root / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "trainer.pt")
-    (tmp / "state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    (tmp / MANIFEST).write_text(json.dumps({**manifest, "step": step, "saved_at": time.time()}, indent=2,
-                                           default=str))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = ckpt_root / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, ckpt_root / "latest")
-    for old in _by_step(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   tmp / "trainer.pt")
+        (tmp / "state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+        (tmp / MANIFEST).write_text(json.dumps({**manifest, "step": step, "saved_at": time.time()}, indent=2,
+                                               default=str))
+        _fsync_dir(tmp)
+        old = ckpt_root / f".step-{step:07d}.old"
+        if final.exists():  # the same step saved again: keep the old one until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        latest_tmp = ckpt_root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, ckpt_root / "latest")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"cannot write checkpoint {final}: {exc.strerror or exc}") from None
+    for stale in _by_step(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -76,13 +91,17 @@ def _by_step(paths) -> list[Path]:
     return sorted((p for p in paths if _step_of(p) >= 0), key=_step_of)
 
 
-def latest(root: Path) -> Path | None:
+def latest(root: Path, run_id: str | None = None) -> Path | None:
+    """The newest complete checkpoint under root (of run `run_id` only, when given)."""
+    def ours(path: Path) -> bool:
+        return (path / MANIFEST).exists() and (run_id is None or read_manifest(path).get("run_id") == run_id)
+
     pointer = root / "checkpoints" / "latest"
     if pointer.exists():
         path = root / "checkpoints" / pointer.read_text().strip()
-        if (path / MANIFEST).exists():
+        if ours(path):
             return path
-    done = _by_step(p for p in (root / "checkpoints").glob("step-*") if (p / MANIFEST).exists())
+    done = [p for p in _by_step((root / "checkpoints").glob("step-*")) if ours(p)]
     return done[-1] if done else None
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import threading
 
 from services.common.settings import add_settings_flags
 from services.trainer.settings import TrainerSettings
@@ -27,6 +30,27 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = list(args.set) + (["resume=true"] if args.resume else [])
     settings = TrainerSettings.load(args.config, overrides, cli=args.settings_flags(parsed_args=args))
-    result = train(settings)
+    stop = threading.Event()
+    stop_on_signals(stop)
+    result = train(settings, stop=stop)
+    if result.stopped:
+        print(f"stopped after step {result.steps} of {settings.max_steps}: checkpoint written in "
+              f"{settings.output_dir}; run again with resume=auto (or --resume) to continue")
+        return 0
     print(f"trained {result.steps} steps; metrics: {result.metrics_file}; final model: {result.final_model}")
     return 0
+
+
+def stop_on_signals(stop: threading.Event) -> None:
+    """SIGTERM / SIGINT (what compose, Kubernetes and Ctrl-C send): finish the step, checkpoint, exit 0.
+    A second signal abandons the step at once (KeyboardInterrupt)."""
+
+    def handle(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        stop.set()
+        logging.getLogger("topd").warning("%s: stopping after the current step (a checkpoint follows; send it "
+                                          "again to stop at once)", signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)

@@ -4,6 +4,7 @@ each epoch by seed, sharded by rank, with a position that checkpoints save and r
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -15,23 +16,61 @@ from topd_client.errors import ConfigurationError
 if TYPE_CHECKING:
     from services.trainer.settings import DataSettings
 
+log = logging.getLogger(__name__)
+
+
+WHERE = "_where"  # a record's "file:line", for messages that name it
+
 
 def read_jsonl(path: str | Path, prompt_field: str = "prompt") -> list[dict[str, Any]]:
+    """Records of a JSONL file; any problem is one ConfigurationError naming file:line."""
     records = []
-    with open(path) as f:
+    try:
+        f = open(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc.strerror or exc}") from None
+    with f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{line_no}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ConfigurationError(f"{path}:{line_no}: not JSON ({exc.msg})") from exc
-            if prompt_field not in rec:
-                raise ConfigurationError(f"{path}:{line_no}: no {prompt_field!r} field")
-            records.append(rec)
+                raise ConfigurationError(f"{where}: not JSON ({exc.msg})") from None
+            if not isinstance(rec, dict):
+                raise ConfigurationError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            prompt = rec.get(prompt_field)
+            if not isinstance(prompt, str) or not prompt:
+                raise ConfigurationError(f"{where}: {prompt_field!r} must be a non-empty string, got {prompt!r}")
+            records.append({**rec, WHERE: where})
     if not records:
         raise ConfigurationError(f"{path}: no prompts")
     return records
+
+
+def fit_prompts(records: list[dict[str, Any]], tokenizer: Any, cfg: "DataSettings", max_prompt_tokens: int,
+                what: str = "train") -> list[dict[str, Any]]:
+    """Refuse (or skip, with long_prompts=skip) prompts longer than max_prompt_tokens (the context
+    left after max_new_tokens), naming the first offender's file:line: checked at load, not when a
+    batch reaches it."""
+    ids = encode_prompts(tokenizer, records, cfg.prompt_field, cfg.chat_template)
+    too_long = [i for i, p in enumerate(ids) if len(p) > max_prompt_tokens]
+    if not too_long:
+        return records
+    first = records[too_long[0]]
+    where = first.get(WHERE, f"{what} record {too_long[0]}")
+    if cfg.long_prompts == "refuse":
+        raise ConfigurationError(f"{where}: prompt of {len(ids[too_long[0]])} tokens leaves no room for "
+                                 f"max_new_tokens within the context ({max_prompt_tokens} tokens for the prompt); "
+                                 f"{len(too_long)} {what} prompts are too long (long_prompts=skip skips them)")
+    log.warning("%d %s prompts longer than %d tokens skipped (first: %s)", len(too_long), what, max_prompt_tokens,
+                where)
+    drop = set(too_long)
+    kept = [r for i, r in enumerate(records) if i not in drop]
+    if not kept:
+        raise ConfigurationError(f"every {what} prompt is longer than {max_prompt_tokens} tokens")
+    return kept
 
 
 def load_dataset_records(name: str, split: str, prompt_field: str) -> list[dict[str, Any]]:

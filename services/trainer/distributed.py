@@ -7,8 +7,11 @@ hooks would hang; gradients are averaged once per step instead, as one flattened
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def init() -> tuple[int, int]:
@@ -29,6 +32,17 @@ def shutdown(world: int) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def on_rank0(world: int, rank: int, fn: Callable[[], T]) -> T:
+    """fn() on rank 0 only (it may write files), its result sent to every rank."""
+    if world <= 1:
+        return fn()
+    import torch.distributed as dist
+
+    box = [fn() if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def rank_device(device: str, rank: int, world: int) -> str:

@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from services.trainer.objective import (LOGP_FLOOR, OPDConfig, OPDInputs, aggregate_tokens, check_choice,
-                                        gather_logprobs, opd_loss, topk_forward_kl, topk_reverse_kl)
+from services.trainer.kl import LOGP_FLOOR, gather_logprobs, topk_forward_kl, topk_reverse_kl
+from services.trainer.objective import OPDConfig, OPDInputs, aggregate_tokens, check_choice, opd_loss
 from topd_client.errors import InvalidInputError
 
 

@@ -46,7 +46,10 @@ class Evaluation:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON row per step, flushed and fsynced (a crash loses no completed step)."""
+    """metrics.jsonl: one JSON row per step, written whole, flushed and fsynced.
+
+    A crash loses no completed step; a failed write (a full disk) is undone, so the file never holds
+    half a row, and stops the run with one line naming the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -54,10 +57,18 @@ class MetricsLog:
     def after_step(self, step: int, metrics: dict[str, Any]) -> None:
         import time
 
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **metrics}, default=float) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        from services.trainer.checkpoint import StorageError
+
+        row = (json.dumps({"step": step, "time": time.time(), **metrics}, default=float) + "\n").encode()
+        with open(self.path, "ab") as f:
+            size = f.tell()
+            try:
+                f.write(row)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as exc:
+                f.truncate(size)
+                raise StorageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         pass
@@ -97,22 +108,37 @@ class Progress:
 
 
 class Gauges:
-    """The step's headline numbers as Prometheus gauges on the trainer's /metrics."""
+    """The step's metrics as the trainer's Prometheus series (/metrics; deploy/monitoring's dashboard)."""
 
     def __init__(self, registry: Any) -> None:
-        from prometheus_client import Gauge
+        from services.trainer.metrics import register_trainer_metrics
 
-        self.step = Gauge("topd_trainer_step", "Completed training steps", registry=registry)
-        self.loss = Gauge("topd_trainer_loss", "Loss of the last step", registry=registry)
-        self.kl = Gauge("topd_trainer_reverse_kl", "Mean reverse KL of the last step", registry=registry)
+        self.series = register_trainer_metrics(registry)
 
     def after_step(self, step: int, metrics: dict[str, Any]) -> None:
-        self.step.set(step)
-        self.loss.set(metrics.get("loss", math.nan))
-        self.kl.set(metrics.get("opd/reverse_kl", math.nan))
+        self.series.update(step, metrics)
 
     def close(self) -> None:
         pass
+
+
+class Tracking:
+    """The run's settings, every step's metrics and the final numbers to experiment trackers (report_to)."""
+
+    def __init__(self, report_to: list[str], run_dir: Path, run_name: str, settings: dict[str, Any]) -> None:
+        from services.trainer.tracking import Tracker
+
+        self.tracker = Tracker(report_to, run_dir, run_name=run_name)
+        self.tracker.log_settings(settings)
+        self.last: dict[str, Any] = {}
+
+    def after_step(self, step: int, metrics: dict[str, Any]) -> None:
+        self.tracker.log_metrics(step, metrics)
+        self.last = metrics
+
+    def close(self) -> None:
+        self.tracker.log_final({f"final/{k}": v for k, v in self.last.items() if k.startswith(("eval/", "loss", "opd/"))})
+        self.tracker.close()
 
 
 class Callback:

@@ -18,7 +18,8 @@ from torch import Tensor
 from services.trainer import objective as obj
 from services.trainer.batch import ScoredBatch
 from services.trainer.clients import Branches
-from services.trainer.student import gather_token_logprobs, position_logits
+from services.trainer.estimators import EstimatorInputs, estimator_loss
+from services.trainer.student import position_logits
 
 # Metrics that are sums over micro-batches (already divided by the batch's N); the others are
 # token means, combined weighted by each micro-batch's token count.
@@ -29,6 +30,7 @@ _SUMMED = frozenset({"opd/loss", "topd/traj_loss"})
 class LossConfig:
     """What the loss needs, built once from the settings."""
 
+    estimator: str  # `estimators.ESTIMATORS` name
     opd: obj.OPDConfig
     traj: obj.TrajConfig
     traj_normalisation: str
@@ -51,7 +53,7 @@ def _combine(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
 
 def backward_opd(model: torch.nn.Module, batch: ScoredBatch, weights_BT: Tensor, cfg: LossConfig,
                  device: str) -> tuple[Tensor, dict[str, float]]:
-    """Accumulate grads of L_OPD; returns (loss, metrics) of the whole batch."""
+    """Accumulate grads of L_OPD (estimator `cfg.estimator`); returns (loss, metrics) of the whole batch."""
     samples, n_tokens = batch.samples, float(batch.num_tokens)
     seqs = samples.sequences()
     total = torch.zeros((), dtype=torch.float32)
@@ -62,11 +64,15 @@ def backward_opd(model: torch.nn.Module, batch: ScoredBatch, weights_BT: Tensor,
         T = max(counts)
         logits = position_logits(model, seqs[lo:hi], [len(p) for p in samples.prompt_ids[lo:hi]], counts, device)
         sl = (slice(lo, hi), slice(0, T))
-        inp = obj.OPDInputs(logp_new_BT=gather_token_logprobs(logits, batch.tokens_BT[sl].to(device)),
-                            logp_sampler_BT=batch.sampler_BT[sl].to(device),
-                            logp_teacher_BT=batch.teacher_BT[sl].to(device), mask_BT=batch.mask_BT[sl].to(device),
-                            weights_BT=weights_BT[sl].to(device), num_tokens=n_tokens)
-        loss, metrics = obj.opd_loss(inp, cfg.opd)
+
+        def part(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[sl].to(device)
+
+        inp = EstimatorInputs(logits, part(batch.tokens_BT), part(batch.mask_BT), logp_sampler_BT=part(batch.sampler_BT),
+                              logp_teacher_BT=part(batch.teacher_BT), ids_BTk=part(batch.ids_BTk),
+                              logp_teacher_BTk=part(batch.teacher_BTk), weights_BT=part(weights_BT),
+                              num_tokens=n_tokens)
+        loss, metrics = estimator_loss(cfg.estimator, inp, cfg.opd)
         if torch.isfinite(loss):
             loss.backward()
         total = total + loss.detach().cpu()

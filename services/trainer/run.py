@@ -1,13 +1,17 @@
 """`topd train`: set up a run, connect, resume or start, loop over steps with hooks, finish.
 
-    for step: samples = source.take(step)  ->  train_step(...)  ->  hooks (eval, metrics, checkpoint, progress)
+    for step: verify services  ->  samples = source.take(step)  ->  train_step(...)  ->  hooks
+
+Faults: a service that is down is waited for (`service_timeout`); a rollout that restarted gets the
+weights again and the step is redone; a stop request (SIGTERM) or giving up writes a checkpoint of
+the last completed step first. Nothing of a step is kept unless all of it completed.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,20 +26,23 @@ from services.common.model_files import resolve_device, resolve_model
 from services.common.runner import start_service
 from services.common.status_app import ServiceState
 from services.trainer import checkpoint, distributed, hooks
-from services.trainer.clients import ServiceClients
-from services.trainer.data import PromptStream, encode_prompts, eval_records, generic_check, train_records
-from services.trainer.diagnostics import detector_scores
-from services.trainer.embeddings import student_table, teacher_table
-from services.trainer.objective import Detection, candidate_positions
+from services.trainer.clients import RolloutOutOfSync, ServiceClients
+from services.trainer.data import PromptStream, fit_prompts, train_records
+from services.trainer.run_dir import METRICS_FILE, RunDir, open_run_dir, trim_metrics
 from services.trainer.sampling import SampleSource
 from services.trainer.settings import TrainerSettings
+from services.trainer.setup import embedding_table, evaluation, ground_truth_probe, manifest
 from services.trainer.state import TrainState
-from services.trainer.step import PhaseTimer, Probe, StepConfig, train_step
+from services.trainer.status import StatusBoard
+from services.trainer.step import PhaseTimer, StepConfig, train_step
 from services.trainer.student import unwrap
-from services.trainer.task_api import Task, resolve_task
-from topd_client.errors import TokenizerMismatchError
+from services.trainer.task_api import resolve_task
+from topd_client.errors import ConfigurationError, TokenizerMismatchError, TopdError, UnavailableError
 
 log = logging.getLogger(__name__)
+
+# How often one step is redone because the rollout lost the trainer's weights before giving up.
+MAX_STEP_REDOS = 5
 
 
 @dataclass
@@ -45,13 +52,17 @@ class TrainResult:
     final_model: Path | None
     last_metrics: dict[str, Any]
     eval_accuracy: list[tuple[int, float]]
+    stopped: bool = False  # a stop request ended the run early (a checkpoint holds its last step)
 
 
-def train(settings: TrainerSettings, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Run training to max_steps (or resume to it). Rank 0 writes metrics and checkpoints."""
+def train(settings: TrainerSettings, on_step: Callable[[int, dict], None] | None = None,
+          stop: threading.Event | None = None) -> TrainResult:
+    """Run training to max_steps (or resume to it). Rank 0 writes metrics and checkpoints.
+
+    Setting `stop` (e.g. from a SIGTERM handler) ends the run after the current step, with a checkpoint."""
     rank, world = distributed.init()
     try:
-        return _train(settings, rank, world, on_step)
+        return _train(settings, rank, world, on_step, stop or threading.Event())
     finally:
         distributed.shutdown(world)
 
@@ -62,92 +73,152 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None) -> TrainResult:
-    out = Path(s.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None, stop: threading.Event) -> TrainResult:
+    run = distributed.on_rank0(world, rank, lambda: open_run_dir(s))  # refuses a dir of another run, first
     task = resolve_task(s.task, s.student_model)
     _seed_everything(s.seed + rank)
     state = TrainState.create(resolve_model(s.student_model), distributed.rank_device(resolve_device(s.device), rank,
                                                                                        world), s.optim)
-    clients = ServiceClients(s.services, rank, s.auth_token)
-    source = SampleSource(PromptStream(train_records(s.data, task), s.seed, rank, world), clients, state.tokenizer,
-                          s.data, s.sampling, s.seed)
+    cfg = StepConfig.from_settings(s, unwrap(state.model).config.vocab_size)
+    room = _prompt_room(s, state, None)
+    records = fit_prompts(train_records(s.data, task), state.tokenizer, s.data, room)  # before waiting for services
+    clients = ServiceClients(s.services, rank, s.auth_token, stop_event=stop)
     timer = PhaseTimer()
     board = StatusBoard(s, rank, world, state, clients, timer)
     registry = CollectorRegistry()
     service_state = ServiceState("trainer", registry, board.status)
     service = start_service(service_state, host=s.host, grpc_port=None, http_port=s.http_port if rank == 0 else 0)
     service_state.set_ready(False, "connecting to teacher and rollout")
-    metrics_file = out / ("metrics.jsonl" if rank == 0 else f"metrics.rank{rank}.jsonl")
+    metrics_file = run.path / (METRICS_FILE if rank == 0 else f"metrics.rank{rank}.jsonl")
     with ExitStack() as stack:
         stack.callback(service.stop)
         stack.callback(clients.close)
-        stack.callback(source.close)
         clients.connect(state.tokenizer, state.student_path)
-        manifest = _manifest(s, clients, state)
-        save = (lambda step: checkpoint.save(out, step, unwrap(state.model), state.tokenizer, state.optimizer,
-                                             state.scheduler, {"data": source.position(),
-                                                               "pushed_version": clients.pushed_version,
-                                                               "nonfinite_steps": state.nonfinite_steps},
-                                             manifest, s.checkpoint.keep_checkpoints)) if rank == 0 else (lambda step: None)
-        start = _resume(out, state, source, clients) if s.checkpoint.resume else 0
-        if start == 0 and rank == 0 and metrics_file.exists():
-            metrics_file.unlink()
+        _check_estimator(cfg, clients)
+        if _prompt_room(s, state, clients) < room:  # the rollout serves a shorter context than the student's
+            records = fit_prompts(records, state.tokenizer, s.data, _prompt_room(s, state, clients))
+        source = SampleSource(PromptStream(records, s.seed, rank, world), clients, state.tokenizer, s.data,
+                              s.sampling, s.seed, top_k=cfg.sample_top_k)
+        stack.callback(source.close)
+        info = manifest(s, run.run_id, clients, state)
+
+        def save(step: int) -> Path | None:
+            if rank != 0:
+                return None
+            return checkpoint.save(run.path, step, unwrap(state.model), state.tokenizer, state.optimizer,
+                                   state.scheduler, {"data": source.position(), "pushed_version": clients.pushed_version,
+                                                     "nonfinite_steps": state.nonfinite_steps},
+                                   info, s.checkpoint.keep_checkpoints)
+
+        start = _resume(run, state, source, clients) if run.resume_from is not None else 0
+        if rank == 0:
+            trim_metrics(metrics_file, start)
         clients.push(state.model, clients.pushed_version + 1)  # the rollout may hold another run's weights
         state.step = start
         service_state.set_ready(True)
-        evaluation = _evaluation(s, task, state, clients, timer)
-        run_hooks: list[hooks.Hook] = [evaluation, hooks.Gauges(registry)]
-        if rank == 0:
-            run_hooks += [hooks.MetricsLog(metrics_file), hooks.Checkpoints(s.checkpoint.checkpoint_every, save)]
-            if s.progress:
-                run_hooks.append(hooks.Progress(s.max_steps, start, f"topd {s.objective}"))
-        if on_step is not None:
-            run_hooks.append(hooks.Callback(on_step))
+        evals = evaluation(s, task, state, clients, timer)
+        run_hooks = _hooks(s, rank, start, registry, evals, metrics_file, save, run, on_step)
         for h in run_hooks:
             stack.callback(h.close)
-        cfg = StepConfig.from_settings(s)
-        table = _embedding_table(s, state)
-        probe = _ground_truth_probe(task, state.tokenizer) if task is not None and s.detection.ground_truth else None
-        for step in range(start + 1, s.max_steps + 1):
-            t0 = time.perf_counter()
-            timer.reset()
-            with timer("sample"):
-                samples, _ = source.take(step, s.max_steps)
-            metrics = train_step(step, samples, state, clients, cfg, timer=timer, table=table, probe=probe,
-                                 world=world)
-            state.step = step
-            board.step_times.append(time.perf_counter() - t0)
-            metrics["time/step"] = board.step_times[-1]
-            for h in run_hooks:
-                h.after_step(step, metrics)
-            board.last_metrics = metrics
+        table = embedding_table(s, state)
+        probe = ground_truth_probe(task, state.tokenizer) if task is not None and s.detection.ground_truth else None
+        try:
+            for step in range(start + 1, s.max_steps + 1):
+                if stop.is_set():
+                    break
+                t0 = time.perf_counter()
+                metrics = _one_step(step, s, state, clients, source, cfg, timer, table, probe, world)
+                state.step = step
+                board.step_times.append(time.perf_counter() - t0)
+                metrics["time/step"] = board.step_times[-1]
+                for h in run_hooks:
+                    h.after_step(step, metrics)
+                board.last_metrics = metrics
+        except (TopdError, OSError) as exc:
+            source.redo()  # the interrupted step's prompts are drawn again after a resume
+            stopping = stop.is_set() and isinstance(exc, UnavailableError)
+            _save_before_exit(save, state.step, start)  # giving up: the last completed step is kept
+            if not stopping:
+                raise
+        if stop.is_set() and state.step < s.max_steps:
+            timer.current = "stopped"
+            path = _save_before_exit(save, state.step, start)
+            log.warning("stopped at step %d of %d; checkpoint %s; continue with resume=auto", state.step, s.max_steps,
+                        path)
+            return TrainResult(state.step, metrics_file, None, board.last_metrics, evals.history, stopped=True)
         timer.current = "done"
         final = None
         if rank == 0:
             every = s.checkpoint.checkpoint_every
             if every == 0 or state.step % every:
                 save(state.step)
-            final = out / "final"
+            final = run.path / "final"
             unwrap(state.model).save_pretrained(final, safe_serialization=True)
             state.tokenizer.save_pretrained(final)
-        return TrainResult(state.step, metrics_file, final, board.last_metrics, evaluation.history)
+        return TrainResult(state.step, metrics_file, final, board.last_metrics, evals.history)
 
 
-def _manifest(s: TrainerSettings, clients: ServiceClients, state: TrainState) -> dict[str, Any]:
-    t = clients.teacher_info
-    return {"settings": s.model_dump(mode="json", exclude={"auth_token"}),
-            "teacher": None if t is None else {"model": t.model, "revision": t.revision,
-                                               "tokenizer_fingerprint": t.tokenizer_fingerprint},
-            "student_model": state.student_path}
+def _one_step(step: int, s: TrainerSettings, state: TrainState, clients: ServiceClients, source: SampleSource,
+              cfg: StepConfig, timer: PhaseTimer, table: Callable, probe: Any, world: int) -> dict[str, float]:
+    """One step, redone (same prompts, same seeds) when the rollout lost the trainer's weights."""
+    for attempt in range(MAX_STEP_REDOS + 1):
+        timer.reset()
+        try:
+            if clients.push_pending:
+                clients.restore(state.model)
+            clients.verify()
+            with timer("sample"):
+                samples, _ = source.take(step, s.max_steps)
+            metrics = train_step(step, samples, state, clients, cfg, timer=timer, table=table, probe=probe,
+                                 world=world)
+            source.complete()
+            metrics["step_redos"] = float(attempt)
+            return metrics
+        except RolloutOutOfSync as exc:
+            if attempt == MAX_STEP_REDOS:
+                raise UnavailableError(f"step {step}: the rollout kept losing the trainer's weights ({exc})") from None
+            log.warning("step %d: %s; pushing the weights again and redoing the step", step, exc)
+            source.redo()
+            clients.restore(state.model)
+    raise AssertionError("unreachable")
 
 
-def _resume(out: Path, state: TrainState, source: SampleSource, clients: ServiceClients) -> int:
-    """Load the latest checkpoint of `out` into the run; 0 when there is none."""
-    path = checkpoint.latest(out)
-    if path is None:
-        log.info("resume: no checkpoint in %s, starting fresh", out)
-        return 0
+def _check_estimator(cfg: StepConfig, clients: ServiceClients) -> None:
+    """The services can give what the OPD estimator needs (their limits are in GetInfo)."""
+    t, r = clients.teacher_info, clients.rollout_info
+    need = {"full": ("teacher max_candidate_ids", t.max_candidate_ids, cfg.vocab_size),
+            "student_topk": ("teacher max_candidate_ids and rollout max_top_k", min(t.max_candidate_ids, r.max_top_k),
+                             cfg.estimator_top_k),
+            "teacher_topk": ("teacher max_top_k", t.max_top_k, cfg.estimator_top_k)}.get(cfg.estimator)
+    if need is not None and need[1] < need[2]:
+        what, have, want = need
+        raise ConfigurationError(f"opd_estimator={cfg.estimator} needs {want} ids per position but the {what} is "
+                                 f"{have}: raise it on the service (e.g. --max-candidate-ids {want}) or pick another "
+                                 "estimator / a smaller estimator_top_k")
+
+
+def _save_before_exit(save: Callable[[int], Path | None], step: int, start: int) -> Path | None:
+    """A checkpoint of the last completed step (none when no step completed since the start)."""
+    if step <= start:
+        return None
+    try:
+        return save(step)
+    except TopdError as exc:
+        log.error("could not write a checkpoint on the way out: %s", exc)
+        return None
+
+
+def _prompt_room(s: TrainerSettings, state: TrainState, clients: ServiceClients | None) -> int:
+    """Tokens a prompt may have: the context (the student's, the rollout's) minus max_new_tokens."""
+    context = getattr(unwrap(state.model).config, "max_position_embeddings", None) or 1 << 30
+    if clients is not None and clients.rollout_info is not None and clients.rollout_info.max_seq_len:
+        context = min(context, clients.rollout_info.max_seq_len)
+    return context - s.sampling.max_new_tokens
+
+
+def _resume(run: RunDir, state: TrainState, source: SampleSource, clients: ServiceClients) -> int:
+    """Load this run's latest checkpoint (checked to be this run's by open_run_dir) into the run."""
+    path = run.resume_from
     saved = checkpoint.load_into(path, state.model, state.optimizer, state.scheduler)
     pinned = checkpoint.read_manifest(path).get("teacher") or {}
     now = clients.teacher_info.tokenizer_fingerprint if clients.teacher_info else None
@@ -156,64 +227,21 @@ def _resume(out: Path, state: TrainState, source: SampleSource, clients: Service
                                      f"{pinned['tokenizer_fingerprint'][:16]}..., this teacher has {now[:16]}...")
     source.data.restore(saved["data"])
     state.nonfinite_steps = int(saved.get("nonfinite_steps", 0))
-    log.info("resumed from %s (step %d)", path, saved["step"])
+    log.info("resumed run %s from %s (step %d)", run.run_id, path, saved["step"])
     return int(saved["step"])
 
 
-def _evaluation(s: TrainerSettings, task: Task | None, state: TrainState, clients: ServiceClients,
-                timer: PhaseTimer) -> hooks.Evaluation:
-    records = eval_records(s.data, task)
-    ids = [p.numpy() for p in encode_prompts(state.tokenizer, records, s.data.prompt_field, s.data.chat_template)]
-
-    def on_phase(name: str) -> None:
-        timer.current = name
-
-    return hooks.Evaluation(s.data.eval_every, s.max_steps, clients.rollout.continue_from, ids, records,
-                            task.check if task is not None else generic_check, state.tokenizer,
-                            s.sampling.max_new_tokens, on_phase)
-
-
-def _embedding_table(s: TrainerSettings, state: TrainState) -> Callable[[], torch.Tensor | None]:
-    """The OT embedding table each step uses (the student's changes every step, so it is read each time)."""
-    if s.detection.embedding == "student":
-        return lambda: student_table(state.model)
-    if s.detection.embedding == "teacher":
-        fixed = teacher_table(s.detection.teacher_embedding_model)
-        return lambda: fixed
-    return lambda: None
-
-
-def _ground_truth_probe(task: Task, tokenizer: Any) -> Probe:
-    """The detector scored against the task's own labels of each candidate (benign or error)."""
-
-    def probe(batch, detection: Detection) -> dict[str, float]:
-        rows, cols = candidate_positions(detection.candidates_BT)
-        labels = task.error_labels(batch.samples.records, [r.tolist() for r in batch.samples.response_ids],
-                                   rows.tolist(), cols.tolist(), tokenizer)
-        return {} if labels is None else detector_scores(labels, detection.D_N, detection.divergent_N)
-
-    return probe
-
-
-class StatusBoard:
-    """The trainer's /status: step, phase, ETA, services, last metrics."""
-
-    def __init__(self, s: TrainerSettings, rank: int, world: int, state: TrainState, clients: ServiceClients,
-                 timer: PhaseTimer) -> None:
-        self.s, self.rank, self.world = s, rank, world
-        self.state, self.clients, self.timer = state, clients, timer
-        self.step_times: list[float] = []
-        self.last_metrics: dict[str, Any] = {}
-
-    def eta_s(self) -> float | None:
-        if not self.step_times:
-            return None
-        recent = self.step_times[-10:]
-        return (self.s.max_steps - self.state.step) * sum(recent) / len(recent)
-
-    def status(self) -> dict[str, Any]:
-        return {"step": self.state.step, "max_steps": self.s.max_steps, "phase": self.timer.current,
-                "objective": self.s.objective, "rank": self.rank, "world": self.world, "device": self.state.device,
-                **self.clients.status(), "eta_s": self.eta_s(), "nonfinite_steps": self.state.nonfinite_steps,
-                "last_metrics": {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                 for k, v in self.last_metrics.items()}}
+def _hooks(s: TrainerSettings, rank: int, start: int, registry: CollectorRegistry, evals: hooks.Evaluation,
+           metrics_file: Path, save: Callable, run: RunDir, on_step: Callable | None) -> list[hooks.Hook]:
+    """After each step, in order: evaluate, export, log, checkpoint, track, show, call back."""
+    out: list[hooks.Hook] = [evals, hooks.Gauges(registry)]
+    if rank == 0:
+        out += [hooks.MetricsLog(metrics_file), hooks.Checkpoints(s.checkpoint.checkpoint_every, save)]
+        if s.report_to:
+            out.append(hooks.Tracking(s.report_to, run.path, run.run_id,
+                                      s.model_dump(mode="json", exclude={"auth_token"})))
+        if s.progress:
+            out.append(hooks.Progress(s.max_steps, start, f"topd {s.objective}"))
+    if on_step is not None:
+        out.append(hooks.Callback(on_step))
+    return out

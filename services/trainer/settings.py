@@ -39,7 +39,10 @@ class ServicesSettings(_Group):
     rollout_address: str = Field("127.0.0.1:50052", description="Rollout gRPC address(es); comma-separated = one per rank")
     client_id: str = Field("trainer", min_length=1, max_length=128,
                            description="Name this trainer gives the shared teacher (fairness, /status)")
-    service_timeout: float = Field(600.0, gt=0, description="Seconds to wait for teacher/rollout readiness")
+    service_timeout: float = Field(300.0, gt=0, description="Seconds to wait for a teacher or rollout that is down, "
+                                                            "restarting or loading (every call; the step then goes on)")
+    rpc_timeout: float = Field(600.0, gt=0, description="Deadline of one call (a heavy Score of a big teacher may take "
+                                                        "minutes)")
     allow_tokenizer_mismatch: bool = Field(False, description="Train even if teacher and student tokenizers differ")
 
     def rollout_for(self, rank: int) -> str:
@@ -67,6 +70,10 @@ class DataSettings(_Group):
     eval_every: int = Field(0, ge=0, description="Evaluate on held-out prompts every N steps (0 = off)")
     eval_file: str | None = Field(None, description="JSONL for evaluation; default: the task's validation split")
     eval_size: int = Field(200, ge=1, description="Held-out prompts per evaluation")
+    long_prompts: Literal["refuse", "skip"] = Field("refuse", description="A prompt too long for max_new_tokens "
+                                                                          "within the student's context: refuse the "
+                                                                          "file (naming file:line) or skip it with a "
+                                                                          "warning")
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSettings":
@@ -103,6 +110,11 @@ class OPDSettings(_Group):
     kl_discount: float = Field(0.0, ge=0, le=1, description="Backward discount gamma of A_t (0 = off)")
     advantage_from: Literal["sampler", "current"] = Field("sampler", description="Student logprob inside A_t")
     teacher_temperature: float = Field(1.0, gt=0, le=100, description="Temperature of the teacher's scores")
+    opd_estimator: Literal["sampled", "student_topk", "teacher_topk", "full"] = Field(
+        "sampled", description="L_OPD estimator: sampled (one-sample reverse KL, the paper's), student_topk / "
+                               "teacher_topk (reverse / forward KL over top-k ids + tail), full (whole vocabulary)")
+    estimator_top_k: int = Field(20, ge=1, description="k of the top-k estimators (within the services' max_top_k / "
+                                                       "max_candidate_ids)")
 
 
 class DetectionSettings(_Group):
@@ -147,7 +159,11 @@ class CheckpointSettings(_Group):
 
     checkpoint_every: int = Field(50, ge=0, description="Save a checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep")
-    resume: bool = Field(False, description="Continue from the latest checkpoint in output_dir")
+    resume: bool | Literal["auto"] = Field(False, description="Continue this run from its latest checkpoint in "
+                                                              "output_dir: true (must exist), auto (when it exists, "
+                                                              "else start fresh), false (start fresh)")
+    overwrite: bool = Field(False, description="Start fresh in an output_dir that holds another run (deletes its "
+                                               "checkpoints and metrics)")
 
 
 GROUPS: dict[str, type[_Group]] = {
@@ -174,6 +190,9 @@ class TrainerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="REST status bind address")
     http_port: int = Field(8003, ge=0, le=65535, description="REST status port (0 = any free port)")
     progress: bool = Field(True, description="Show a progress bar")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers to log to, besides metrics.jsonl (extras: "
+                                          "pip install 'topd[tracking]')")
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
                                    description="Shared auth token of the services")
 

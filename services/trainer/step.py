@@ -9,23 +9,27 @@ The loop (`run.py`) fetches the samples and runs the hooks; the math is `objecti
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from services.trainer import objective as obj
 from services.trainer.batch import Samples, ScoredBatch, drop_stale
-from services.trainer.clients import ServiceClients
+from services.trainer.clients import RolloutOutOfSync, ServiceClients
 from services.trainer.detect import DetectionConfig, DetectionResult, detect
 from services.trainer.diagnostics import batch_diagnostics
 from services.trainer.losses import LossConfig, backward_opd, backward_traj
 from services.trainer.settings import TrainerSettings
 from services.trainer.state import TrainState
-from topd_client.errors import PreconditionError
+from topd_client.errors import UnavailableError
+
+log = logging.getLogger(__name__)
 
 # Seeds of a step's random streams: seed * STRIDE + step, distinct per (seed, step) for runs
 # shorter than the stride (primes, so two streams of one run never coincide).
@@ -45,6 +49,9 @@ class StepConfig:
     """Everything a step needs from the settings, built once."""
 
     variant: obj.Variant
+    estimator: str
+    estimator_top_k: int
+    vocab_size: int  # the student's: the `full` estimator scores every id
     alpha: float
     max_staleness: int
     teacher_temperature: float
@@ -54,17 +61,24 @@ class StepConfig:
     seed: int
 
     @classmethod
-    def from_settings(cls, s: TrainerSettings) -> "StepConfig":
+    def from_settings(cls, s: TrainerSettings, vocab_size: int) -> "StepConfig":
         t = s.traj
         loss = LossConfig(
+            estimator=s.opd.opd_estimator,
             opd=obj.OPDConfig(adv_clip=s.opd.adv_clip, kl_discount=s.opd.kl_discount,
                               advantage_from=s.opd.advantage_from),
             traj=obj.TrajConfig(lam=t.traj_lambda,
                                 offset_weights=obj.discounted_offset_weights(s.detection.window, t.traj_offset_discount)),
             traj_normalisation=t.traj_normalisation, traj_top_k=t.traj_top_k, window=s.detection.window,
             micro_batch=s.optim.micro_batch)
-        return cls(obj.get_variant(s.objective), s.detection.alpha, s.sampling.max_staleness, s.opd.teacher_temperature,
+        return cls(obj.get_variant(s.objective), s.opd.opd_estimator, s.opd.estimator_top_k, vocab_size,
+                   s.detection.alpha, s.sampling.max_staleness, s.opd.teacher_temperature,
                    DetectionConfig.from_settings(s.detection), loss, s.optim.grad_clip, s.seed)
+
+    @property
+    def sample_top_k(self) -> int:
+        """The sampler's top-k ids per token: what `student_topk` asks the teacher to score."""
+        return self.estimator_top_k if self.estimator == "student_topk" else 0
 
 
 class PhaseTimer:
@@ -104,17 +118,51 @@ def compute_loss(model: torch.nn.Module, batch: ScoredBatch, found: DetectionRes
     return total, metrics
 
 
+def fresh_samples(samples: Samples, clients: ServiceClients, max_staleness: int) -> tuple[Samples, int]:
+    """Samples drawn by the trainer's recent weights, and how many were dropped as stale.
+
+    A sample from a version the trainer never pushed, or no fresh sample at all, means the rollout
+    lost the trainer's weights (it restarted): RolloutOutOfSync, and the loop redoes the step."""
+    pushed = clients.pushed_version
+    if any(v > pushed for v in samples.versions):
+        raise RolloutOutOfSync(f"samples of policy version {max(samples.versions)}, above the trainer's {pushed}: "
+                               "another writer pushed weights to this rollout")
+    kept, stale = drop_stale(samples, pushed, max_staleness)
+    if len(kept) == 0:
+        raise RolloutOutOfSync(f"no sample within max_staleness={max_staleness} of the trainer's version {pushed} "
+                               f"(sample versions {sorted(set(samples.versions))})")
+    return kept, stale
+
+
+def score(clients: ServiceClients, samples: Samples, cfg: StepConfig) -> ScoredBatch:
+    """The teacher's scores that the OPD estimator needs, padded (docs: estimators.ESTIMATORS)."""
+    k = cfg.estimator_top_k
+    if cfg.estimator == "teacher_topk":
+        scores = clients.score(samples, cfg.teacher_temperature, top_k=k)
+    elif cfg.estimator == "student_topk":
+        scores = clients.score(samples, cfg.teacher_temperature, candidate_ids=samples.topk_ids)
+    elif cfg.estimator == "full":
+        every_id = np.arange(cfg.vocab_size, dtype=np.int32)
+        scores = clients.score(samples, cfg.teacher_temperature, candidate_ids=[
+            np.broadcast_to(every_id, (len(y), cfg.vocab_size)) for y in samples.response_ids])
+    else:
+        scores = clients.score(samples, cfg.teacher_temperature)
+    return ScoredBatch.pad(samples, scores)
+
+
 def train_step(step: int, samples: Samples, state: TrainState, clients: ServiceClients, cfg: StepConfig, *,
                timer: PhaseTimer, table: Callable[[], Tensor | None], probe: Probe | None = None,
                world: int = 1) -> dict[str, float]:
     """One step on `samples` (drawn by the rollout): its metrics; the rollout then serves the result as
-    a new policy version. A non-finite loss skips the update (counted in `nonfinite_steps`)."""
-    samples, stale = drop_stale(samples, clients.pushed_version, cfg.max_staleness)
-    if len(samples) == 0:
-        raise PreconditionError(f"step {step}: every sample is older than max_staleness={cfg.max_staleness} "
-                                f"versions (rollout serves {clients.pushed_version})")
+    a new policy version. A non-finite loss skips the update (counted in `nonfinite_steps`).
+
+    Until the update, nothing has changed: RolloutOutOfSync (the rollout restarted) and
+    TeacherChangedError leave the trainer as it was, so the loop can redo the step or stop cleanly.
+    A push that cannot reach the rollout (down past service_timeout, or a stop request) leaves the
+    step done and the push pending: the loop pushes again before the next step."""
+    samples, stale = fresh_samples(samples, clients, cfg.max_staleness)
     with timer("score"):
-        batch = ScoredBatch.pad(samples, clients.score(samples, cfg.teacher_temperature))
+        batch = score(clients, samples, cfg)
     found: DetectionResult | None = None
     extra: dict[str, float] = {}
     if cfg.variant.needs_detection:
@@ -123,13 +171,18 @@ def train_step(step: int, samples: Samples, state: TrainState, clients: ServiceC
                            seed=cfg.seed * BRANCH_SEED_STRIDE + step)
         if found is not None and probe is not None:
             extra = probe(batch, found.detection)
+    clients.verify()  # the scores and windows came from the services the step started with
     with timer("train"):
         state.optimizer.zero_grad(set_to_none=True)
         total, metrics = compute_loss(state.model, batch, found, cfg, state.device)
         _, grad_norm = state.update(total, cfg.grad_clip, world)
     with timer("sync"):
         version = clients.pushed_version + 1
-        clients.push(state.model, version)
+        try:
+            clients.push(state.model, version)
+        except UnavailableError as exc:
+            log.warning("step %d: weights not pushed (%s); pushing again before the next step", step, exc)
+            clients.push_pending = True
     metrics.update(batch_diagnostics(obj.token_loss(batch.sampler_BT, batch.teacher_BT), batch.mask_BT,
                                      found.detection if found is not None else None))
     metrics.update(extra)

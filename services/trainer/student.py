@@ -54,11 +54,6 @@ def position_logits(model: torch.nn.Module, seqs: Sequence[Tensor], starts: Sequ
     return out.float()
 
 
-def gather_token_logprobs(logits_BTV: Tensor, ids_BT: Tensor) -> Tensor:
-    """log softmax(logits)[ids] per position, [B, T]."""
-    return torch.log_softmax(logits_BTV, dim=-1).gather(-1, ids_BT[..., None].long()).squeeze(-1)
-
-
 def named_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Parameters (tied ones once) as the rollout service expects them: on CPU, in one copy each.
 

@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "revision", "vocab_size", "max_seq_len", "dtype", "engine", "device", "tokenizer_fingerprint", "max_top_k", "policy_version", "eos_token_id", "max_candidate_ids")
+    __slots__ = ("model", "revision", "vocab_size", "max_seq_len", "dtype", "engine", "device", "tokenizer_fingerprint", "max_top_k", "policy_version", "eos_token_id", "max_candidate_ids", "instance_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class ModelInfo(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     vocab_size: int
@@ -46,7 +47,8 @@ class ModelInfo(_message.Message):
     policy_version: int
     eos_token_id: int
     max_candidate_ids: int
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_top_k: _Optional[int] = ..., policy_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_candidate_ids: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_top_k: _Optional[int] = ..., policy_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_candidate_ids: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "temperature", "top_p", "max_tokens", "seed", "stop", "stop_token_ids", "top_k", "ignore_eos")
