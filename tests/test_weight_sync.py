@@ -266,6 +266,40 @@ def test_checkpoint_dir_under_weights_dir(served, tmp_path):
     _assert_serves(client, new, served["path"])
 
 
+@pytest.mark.gpu
+@pytest.mark.vllm
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nccl_serves_what_shm_serves(tiny_model, tmp_path):
+    """nccl (vLLM's NCCL weight transfer, CUDA tensors) serves the weights an shm push of the same
+    tensors serves; a NaN is refused before anything is sent, and the old version keeps serving."""
+    with service("rollout", tiny_model, tmp_path, "--engine", "vllm", "--device", "cuda", "--dtype", "float32",
+                 "--weight-transfer", "nccl", "--gpu-memory-utilization", "0.2") as proc, \
+            RolloutClient(proc.address, retries=0) as client:
+        assert client.call(client._stub.GetInfo, common_pb2.InfoRequest()).weight_sync.nccl
+        model = _load(tiny_model)
+        new = _perturbed(model, seed=71)
+        done = client.update_weights({n: t.cuda() for n, t in new.items()}, 1, transport="nccl")
+        assert done.transport == "nccl" and done.version == 1
+        via_nccl = _greedy(client)
+        client.update_weights(_perturbed(model, seed=72), 2, transport="shm")
+        client.update_weights(new, 3, transport="shm")
+        _assert_same(via_nccl, _greedy(client), atol=1e-4)
+        bad = {n: t.cuda() for n, t in new.items()}
+        bad["model.norm.weight"][0] = float("nan")
+        with pytest.raises(InvalidInputError, match="non-finite weights: model.norm.weight"):
+            client.update_weights(bad, 4, transport="nccl")
+        assert client.info().policy_version == 3
+
+
+def test_nccl_is_refused_by_a_rollout_without_it(served):
+    payload = WeightPayload.from_state_dict(_perturbed(served["model"], seed=73))
+    stub = served["stub"]
+    request = rollout_pb2.BeginUpdateRequest(version=10**6, manifest=payload.manifest, nccl=True)
+    with pytest.raises(grpc.RpcError, match="--weight-transfer nccl") as err:
+        stub.BeginUpdate(request, timeout=10)
+    assert err.value.code() == Code.FAILED_PRECONDITION
+
+
 # ---------------------------------------------------------------- in-process rollouts (hf), special settings
 
 @pytest.fixture

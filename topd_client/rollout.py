@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-TRANSPORTS = ("auto", "grpc", "shm")
+TRANSPORTS = ("auto", "grpc", "shm", "nccl")
 
 PromptLike = Union[str, Sequence[int], np.ndarray, Sequence[Mapping[str, str]]]
 
@@ -46,11 +46,14 @@ class RolloutClient(BaseClient):
     >>> future = rollout.update_weights_async(snapshot, version=2)       # while the next step samples
     """
 
-    def __init__(self, address: str, **kwargs) -> None:
+    def __init__(self, address: str, *, nccl_address: str = "127.0.0.1", **kwargs) -> None:
+        """nccl_address: where the rollout's GPU worker reaches this process (nccl transport only)."""
         super().__init__(address, **kwargs)
         self._stub = rollout_pb2_grpc.RolloutStub(self._channel)
         self._push_pool: ThreadPoolExecutor | None = None
         self._shm_file = ShmFile()
+        self.nccl_address = nccl_address
+        self._nccl: Any = None
 
     def info(self) -> ModelInfo:
         return info_from_wire(self.call(self._stub.GetInfo, common_pb2.InfoRequest()))
@@ -84,8 +87,9 @@ class RolloutClient(BaseClient):
         `weights` is a state dict (floating tensors) or a checkpoint directory under the rollout's
         `--weights-dir`. transport: "grpc" streams buckets; "shm" writes one file into the
         directory the rollout shares (same host or pod) and sends only the manifest; "auto" takes
-        shm when this process can see and write the rollout's shared directory. Retried calls are
-        safe: re-sending an update that is already serving answers with its result.
+        shm when this process can see and write the rollout's shared directory; "nccl" broadcasts
+        CUDA tensors to a vLLM rollout on a GPU (`topd_client.nccl`). Retried calls are safe:
+        re-sending an update that is already serving answers with its result.
         """
         start = time.perf_counter()
         if isinstance(weights, (str, Path)):
@@ -93,6 +97,9 @@ class RolloutClient(BaseClient):
             resp = begin.committed if begin.HasField("committed") else self.commit_update(begin.update_id,
                                                                                            timeout=timeout)
             return WeightUpdateResult.from_wire(resp, "checkpoint_dir", time.perf_counter() - start)
+        if transport == "nccl":
+            resp = self._nccl_sender().push(weights, version, timeout)
+            return WeightUpdateResult.from_wire(resp, "nccl", time.perf_counter() - start)
         payload = WeightPayload.from_state_dict(weights)
         shm_dir = self.shm_dir(transport)
         if shm_dir is not None:
@@ -116,7 +123,7 @@ class RolloutClient(BaseClient):
         """The rollout's shared directory when `transport` resolves to shm here, else None (grpc)."""
         if transport not in TRANSPORTS:
             raise ConfigurationError(f"unknown weight transport {transport!r}; valid: {', '.join(TRANSPORTS)}")
-        if transport == "grpc":
+        if transport in ("grpc", "nccl"):
             return None
         sync = self.call(self._stub.GetInfo, common_pb2.InfoRequest()).weight_sync
         shared = _shared_dir(sync)
@@ -128,8 +135,11 @@ class RolloutClient(BaseClient):
         return shared
 
     def begin_update(self, version: int, manifest: rollout_pb2.Manifest | None = None, *, shm_path: str = "",
-                     checkpoint_dir: str = "", timeout: float | None = None) -> rollout_pb2.BeginUpdateResponse:
+                     checkpoint_dir: str = "", nccl: bool = False,
+                     timeout: float | None = None) -> rollout_pb2.BeginUpdateResponse:
         request = rollout_pb2.BeginUpdateRequest(version=version, manifest=manifest)
+        if nccl:
+            request.nccl = True
         if shm_path:
             request.shm_path = shm_path
         if checkpoint_dir:
@@ -196,6 +206,13 @@ class RolloutClient(BaseClient):
             self._shm_file.discard()
             raise
 
+    def _nccl_sender(self) -> Any:
+        if self._nccl is None:
+            from topd_client.nccl import NcclSender
+
+            self._nccl = NcclSender(self, self.nccl_address)
+        return self._nccl
+
     def _abort_quietly(self, update_id: str) -> None:
         try:
             self.abort_update(update_id, timeout=10)
@@ -206,6 +223,8 @@ class RolloutClient(BaseClient):
         if self._push_pool is not None:
             self._push_pool.shutdown(wait=True)
         self._shm_file.discard()
+        if self._nccl is not None:
+            self._nccl.close()
         super().close()
 
 
@@ -229,7 +248,7 @@ class WeightUpdateResult:
     version: int
     num_tensors: int
     total_bytes: int
-    transport: str              # how this call sent it: "grpc", "shm" or "checkpoint_dir"
+    transport: str              # how this call sent it: "grpc", "shm", "nccl" or "checkpoint_dir"
     seconds: float              # the whole update, on the sender's clock
     pause_seconds: float        # serving paused (the in-place apply only)
     verify_seconds: float

@@ -104,10 +104,14 @@ class Engine(Protocol):
     def apply_weights(self, staged: StagedWeights) -> None:
         """Replace every weight in place from a verified update (`staged.to_apply()`, all of
         `weight_shapes`), and drop state computed with the old ones (vLLM's prefix cache).
+        `staged.via == "nccl"`: receive the bytes from the trainer's NCCL broadcast instead.
 
         Raises WeightsUnchangedError when it failed before changing anything; after any other
         error the weights are undefined and the caller restores them (`restore_base_weights`).
         """
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join a trainer's NCCL group for `via="nccl"` updates (vLLM's worker init info)."""
 
     def restore_base_weights(self) -> None:
         """Reload the weights the engine started with (its model's checkpoint files)."""

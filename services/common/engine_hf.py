@@ -18,6 +18,7 @@ from services.common.engine import EngineMeta, GenOutput, SamplingSpec, ScoreOut
 from services.common.fingerprint import tokenizer_fingerprint
 from services.common.model_files import model_revision, resolve_device, resolve_dtype
 from services.common.staged_weights import StagedWeights, base_checkpoint, open_files, read_tensor
+from topd_client.errors import PreconditionError
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -141,6 +142,8 @@ class HFEngine:
     def apply_weights(self, staged: StagedWeights) -> None:
         """Each tensor read from its file straight into the parameter's memory when dtype and
         device match (no intermediate copy), else through one tensor-sized buffer and a cast."""
+        if staged.via != "files":
+            raise PreconditionError("nccl weight updates need the vllm engine on a GPU; use grpc or shm")
         params = dict(self.model.named_parameters())
         with self._lock, open_files(staged.tensors) as fds:
             for t in staged.to_apply():
@@ -149,6 +152,9 @@ class HFEngine:
                     read_tensor(fds[t.path], t, out=param)
                 else:
                     param.copy_(read_tensor(fds[t.path], t))
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        raise PreconditionError("nccl weight updates need the vllm engine on a GPU; use grpc or shm")
 
     def restore_base_weights(self) -> None:
         self.apply_weights(base_checkpoint(self.meta.model, self.weight_shapes()))

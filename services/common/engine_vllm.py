@@ -45,6 +45,7 @@ from services.common.engine import (EngineDeadError, EngineMeta, GenOutput, Samp
 from services.common.fingerprint import tokenizer_fingerprint
 from services.common.model_files import model_revision, resolve_device, resolve_dtype
 from services.common.staged_weights import StagedWeights, base_checkpoint, local_model_dir
+from topd_client.errors import InvalidInputError, PreconditionError
 
 WORKER_EXTENSION = "services.common.vllm_worker.TopdWorkerExtension"
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -78,11 +79,13 @@ class VLLMEngine:
         seed: engine seed (sampling without a per-request seed draws from it).
         enable_prefix_caching: reuse KV of shared prompt prefixes (reset after every weight update).
         gpu_memory_utilization: fraction of device memory vLLM may take (of RAM on CPU).
+        weight_transfer: "nccl" also takes updates broadcast by a trainer over NCCL (CUDA only).
     """
 
     def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  kv_cache_bytes: int | None = 64 << 20, max_top_k: int = 64, seed: int = 0,
-                 enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.5) -> None:
+                 enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.5,
+                 weight_transfer: str = "off") -> None:
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
         self.max_top_k = int(max_top_k)
@@ -91,7 +94,14 @@ class VLLMEngine:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         from vllm import LLM
 
+        self.weight_transfer = weight_transfer
+        transfer = None
+        if weight_transfer == "nccl":
+            from vllm.config import WeightTransferConfig
+
+            transfer = WeightTransferConfig(backend="nccl")
         self.llm = LLM(
+            weight_transfer_config=transfer,
             model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             kv_cache_memory_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching, max_logprobs=max(self.max_top_k, 1),
@@ -213,7 +223,30 @@ class VLLMEngine:
         if not self.llm.reset_prefix_cache():
             raise WeightsUnchangedError("vLLM refused to reset its prefix cache (requests still running?); "
                                         "the update was not applied: commit it again")
-        self.llm.collective_rpc("topd_apply_staged", args=(staged.to_tuples(),))
+        if staged.via == "nccl":
+            self._receive_broadcast(staged)
+        else:
+            self.llm.collective_rpc("topd_apply_staged", args=(staged.to_tuples(),))
+
+    def _receive_broadcast(self, staged: StagedWeights) -> None:
+        """vLLM's weight-transfer session; the trainer broadcasts meanwhile. The bytes land in the
+        weights directly, so finiteness can only be checked afterwards: a non-finite update raises,
+        and the caller restores the base weights."""
+        if self.weight_transfer != "nccl":
+            raise PreconditionError("this rollout takes no nccl updates: start it with --weight-transfer nccl")
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", args=(staged.broadcast_info(),))
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.collective_rpc("topd_after_reload")
+        bad = self.llm.collective_rpc("topd_first_nonfinite")[0]
+        if bad:
+            raise InvalidInputError(f"non-finite weights: {bad} holds NaN or inf values after the nccl update")
+
+    @_fatal_if_engine_died
+    def init_weight_transfer(self, init_info: dict) -> None:
+        if self.weight_transfer != "nccl":
+            raise PreconditionError("this rollout takes no nccl updates: start it with --weight-transfer nccl")
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
 
     def restore_base_weights(self) -> None:
         self.apply_weights(base_checkpoint(self.model_dir, self._weight_shapes))

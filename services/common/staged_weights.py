@@ -41,10 +41,12 @@ class StagedTensor:
 @dataclass(frozen=True)
 class StagedWeights:
     """Tensors in file order; `skip` names verified duplicates the engine must not load (a tied
-    lm_head identical to the embedding it shares memory with)."""
+    lm_head identical to the embedding it shares memory with). `via="nccl"`: no files, the bytes
+    arrive by NCCL broadcast while the engine applies (the tensors give names, dtypes, shapes)."""
 
     tensors: tuple[StagedTensor, ...]
     skip: frozenset[str] = field(default_factory=frozenset)
+    via: str = "files"
 
     @property
     def total_bytes(self) -> int:
@@ -62,14 +64,21 @@ class StagedWeights:
         return cls(tuple(StagedTensor(n, d, tuple(s), p, o, b) for n, d, s, p, o, b in rows))
 
     @classmethod
-    def from_layout(cls, specs: Iterable[tuple[str, str, Sequence[int]]], path: str | Path) -> "StagedWeights":
+    def from_layout(cls, specs: Iterable[tuple[str, str, Sequence[int]]], path: str | Path,
+                    via: str = "files") -> "StagedWeights":
         """Tensors (name, dtype, shape) packed back to back from offset 0 of one file."""
         out, offset = [], 0
         for name, dtype, shape in specs:
             nbytes = tensor_nbytes(dtype, shape)
             out.append(StagedTensor(name, dtype, tuple(int(d) for d in shape), str(path), offset, nbytes))
             offset += nbytes
-        return cls(tuple(out))
+        return cls(tuple(out), via=via)
+
+    def broadcast_info(self) -> dict:
+        """vLLM's NCCL update info (names, dtype names, shapes) of the tensors to apply."""
+        tensors = self.to_apply()
+        return {"names": [t.name for t in tensors], "dtype_names": [t.dtype for t in tensors],
+                "shapes": [list(t.shape) for t in tensors]}
 
     @classmethod
     def from_safetensors(cls, files: Sequence[str | Path]) -> "StagedWeights":

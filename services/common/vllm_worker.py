@@ -31,10 +31,22 @@ class TopdWorkerExtension:
 
         staged = StagedWeights.from_tuples(rows)
         self.reload_weights(weights_iterator=staged.iter_tensors(), is_checkpoint_format=True)
-        model = self.model_runner.get_model()
-        _repack_tied_cpu_lm_head(model)
-        _zero_kv_cache(self.model_runner)
+        self.topd_after_reload()
         return len(staged.tensors)
+
+    def topd_after_reload(self) -> None:
+        """Re-pack a tied CPU lm_head and zero the KV cache (after any in-place reload)."""
+        _repack_tied_cpu_lm_head(self.model_runner.get_model())
+        _zero_kv_cache(self.model_runner)
+
+    def topd_first_nonfinite(self) -> str:
+        """The first weight holding NaN or inf, "" when none: all an nccl update can be checked for."""
+        for name, p in self.model_runner.get_model().named_parameters():
+            if p.numel():
+                lo, hi = torch.aminmax(p)
+                if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                    return name
+        return ""
 
     def topd_set_logit_scale(self, factor: float) -> float:
         """Multiply the model's logit scale by `factor` (1/temperature); return the previous scale.

@@ -8,6 +8,7 @@ waits for it, then later batches see the new weights. Receiving and verifying an
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Mapping
@@ -23,7 +24,7 @@ from services.common.staged_weights import StagedWeights
 from services.rollout.settings import RolloutSettings
 from services.rollout.shared_dir import open_shared_dir, update_limits
 from services.rollout.updates import WeightUpdates, weight_sync_info
-from topd_client.errors import InvalidInputError
+from topd_client.errors import InvalidInputError, PreconditionError
 from topd_client.wire.topd.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,19 @@ class RolloutCore(ModelServerCore):
         super().load()
         self.tokenizer = AutoTokenizer.from_pretrained(self.engine.meta.model)
 
+    def engine_options(self) -> dict:
+        return {"weight_transfer": self.settings.weight_transfer}
+
+    def init_weight_transfer(self, init_info_json: str) -> None:
+        """Join the trainer's NCCL group (blocks until the trainer's side joins too)."""
+        try:
+            init_info = json.loads(init_info_json)
+        except ValueError as exc:
+            raise InvalidInputError(f"init_info_json is not JSON: {exc}") from None
+        engine = self.require_engine()
+        with self.engine_lock:
+            engine.init_weight_transfer(init_info)
+
     def close(self) -> None:
         self.updates.close()
         if self.shared is not None:
@@ -76,8 +90,8 @@ class RolloutCore(ModelServerCore):
             start = time.monotonic()
             try:
                 engine.apply_weights(staged)
-            except (WeightsUnchangedError, EngineDeadError):
-                raise
+            except (WeightsUnchangedError, EngineDeadError, PreconditionError):
+                raise  # nothing was changed, or nothing can be done any more
             except Exception as exc:
                 self._restore_base(exc, version)
             self.version = version
@@ -97,8 +111,10 @@ class RolloutCore(ModelServerCore):
                                   f"failed too ({restore_exc})") from restore_exc
         self.version = 0
         self._version_gauge.set(0)
-        raise UpdateRolledBackError(f"applying version {version} failed ({type(exc).__name__}: {exc}); the "
-                                    "rollout rolled back to its base weights, version 0") from exc
+        message = f"applying version {version} failed ({exc}); the rollout rolled back to its base weights, version 0"
+        if isinstance(exc, InvalidInputError):  # found only during the apply (nccl): still the caller's input
+            raise InvalidInputError(message) from exc
+        raise UpdateRolledBackError(f"{type(exc).__name__}: {message}") from exc
 
     def render_prompt(self, prompt: rollout_pb2.Prompt, index: int):
         meta = self.require_engine().meta
@@ -169,6 +185,11 @@ class RolloutServicer(rollout_pb2_grpc.RolloutServicer):
     @grpc_errors
     def AbortUpdate(self, request, context):
         return self.core.updates.abort(request)
+
+    @grpc_errors
+    def InitWeightTransfer(self, request, context):
+        self.core.init_weight_transfer(request.init_info_json)
+        return rollout_pb2.InitWeightTransferResponse()
 
 
 def start_rollout(settings: RolloutSettings) -> ServiceRun:

@@ -32,5 +32,8 @@ class RolloutSettings(ModelServerSettings):
                                                        "(unset: checkpoint_dir updates are refused)")
     max_update_mb: int | None = Field(None, description="Refuse weight updates larger than this (MiB); default: "
                                                          "only the model's own size bounds them")
+    weight_transfer: Literal["off", "nccl"] = Field("off", description="nccl: also take weight updates broadcast "
+                                                                    "over NCCL by a trainer on a GPU (vllm "
+                                                                    "engine on CUDA only)")
     update_idle_timeout_s: float = Field(30.0, description="Abort a weight update (and cut its stream) after this "
                                                            "long without progress")

@@ -65,4 +65,5 @@ def update_limits(settings: RolloutSettings, shared: SharedDir | None) -> Update
     return UpdateLimits(
         shm_dir=shared.path if shared is not None else None, staging_dirs=tuple(staging),
         weights_dir=Path(settings.weights_dir) if settings.weights_dir else None,
-        max_update_bytes=(settings.max_update_mb or 0) << 20, idle_timeout_s=settings.update_idle_timeout_s)
+        max_update_bytes=(settings.max_update_mb or 0) << 20, idle_timeout_s=settings.update_idle_timeout_s,
+        nccl=settings.weight_transfer == "nccl")

@@ -62,6 +62,7 @@ class UpdateLimits:
     weights_dir: Path | None      # where checkpoint_dir updates may come from (None: refused)
     max_update_bytes: int         # 0: only the model's own size bounds an update
     idle_timeout_s: float
+    nccl: bool = False            # takes updates broadcast over NCCL (vLLM on a GPU)
 
 
 @dataclass
@@ -122,7 +123,8 @@ class WeightUpdates:
 
     # ------------------------------------------------------------------ begin
     def begin(self, req: rollout_pb2.BeginUpdateRequest) -> rollout_pb2.BeginUpdateResponse:
-        source = {"shm_path": "shm", "checkpoint_dir": "checkpoint_dir"}.get(req.WhichOneof("source"), "grpc")
+        source = {"shm_path": "shm", "checkpoint_dir": "checkpoint_dir", "nccl": "nccl"}.get(
+            req.WhichOneof("source"), "grpc")
         try:
             return self._begin(req, source)
         except TopdError:
@@ -171,8 +173,10 @@ class WeightUpdates:
             if req.manifest.total_bytes != total:
                 raise InvalidInputError(f"manifest total_bytes {req.manifest.total_bytes} != {total}, the size of "
                                         "its tensors")
+            if source == "nccl" and not self.limits.nccl:
+                raise PreconditionError("this rollout takes no nccl updates: start it with --weight-transfer nccl")
             origin = self._shm_file(req.shm_path, total) if source == "shm" else ""
-            staged = StagedWeights.from_layout(specs, origin)
+            staged = StagedWeights.from_layout(specs, origin, via="nccl" if source == "nccl" else "files")
         verify.check_layout([(t.name, t.dtype, t.shape) for t in staged.tensors], shapes, tied)
         return staged, origin
 
@@ -345,7 +349,7 @@ class WeightUpdates:
         given = _canonical(given)
         if u.claimed and given and given != u.claimed:
             raise InvalidInputError(f"checksum at commit {given[:24]}... differs from the manifest's {u.claimed[:24]}...")
-        if not (u.claimed or given or u.source == "checkpoint_dir"):
+        if not (u.claimed or given or u.source in ("checkpoint_dir", "nccl")):
             raise InvalidInputError("no checksum: give '<algorithm>:<hex>' in the manifest or at CommitUpdate")
         return u.claimed or given
 
@@ -355,12 +359,16 @@ class WeightUpdates:
         algorithm, digest = split_checksum(checksum) if checksum else (DEFAULT_ALGORITHM, "")
         hasher = None if u.hasher is not None and u.algorithm == algorithm else new_hasher(algorithm)
         try:
-            _, tied = self.target.weight_layout()
-            staged = verify.check_bytes(u.staged, tied, hasher)
-            got = (hasher or u.hasher).hexdigest()
-            if digest and got != digest:
-                raise InvalidInputError(f"corrupt update: {algorithm} {got[:12]}... does not match {digest[:12]}...")
-            checksum = f"{algorithm}:{got}"
+            if u.source == "nccl":  # no bytes here before the apply: they arrive during it
+                staged = u.staged
+            else:
+                _, tied = self.target.weight_layout()
+                staged = verify.check_bytes(u.staged, tied, hasher)
+                got = (hasher or u.hasher).hexdigest()
+                if digest and got != digest:
+                    raise InvalidInputError(f"corrupt update: {algorithm} {got[:12]}... does not match "
+                                            f"{digest[:12]}...")
+                checksum = f"{algorithm}:{got}"
             verify_s = time.monotonic() - t0
             with self._lock:
                 repeat = self._resend_answer(u.version, u.key, checksum)
@@ -510,4 +518,5 @@ def _repeat(r: rollout_pb2.UpdateWeightsResponse) -> rollout_pb2.UpdateWeightsRe
 def weight_sync_info(limits: UpdateLimits, probe: str, token: str) -> common_pb2.WeightSyncInfo:
     return common_pb2.WeightSyncInfo(shm_dir=str(limits.shm_dir or ""), shm_probe=probe if limits.shm_dir else "",
                                      shm_token=token if limits.shm_dir else "",
-                                     max_update_bytes=limits.max_update_bytes, idle_timeout_s=limits.idle_timeout_s)
+                                     max_update_bytes=limits.max_update_bytes, idle_timeout_s=limits.idle_timeout_s,
+                                     nccl=limits.nccl)

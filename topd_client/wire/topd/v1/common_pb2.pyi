@@ -49,18 +49,20 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_top_k: _Optional[int] = ..., policy_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., weight_sync: _Optional[_Union[WeightSyncInfo, _Mapping]] = ...) -> None: ...
 
 class WeightSyncInfo(_message.Message):
-    __slots__ = ("shm_dir", "shm_probe", "shm_token", "max_update_bytes", "idle_timeout_s")
+    __slots__ = ("shm_dir", "shm_probe", "shm_token", "max_update_bytes", "idle_timeout_s", "nccl")
     SHM_DIR_FIELD_NUMBER: _ClassVar[int]
     SHM_PROBE_FIELD_NUMBER: _ClassVar[int]
     SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    NCCL_FIELD_NUMBER: _ClassVar[int]
     shm_dir: str
     shm_probe: str
     shm_token: str
     max_update_bytes: int
     idle_timeout_s: float
-    def __init__(self, shm_dir: _Optional[str] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[str] = ..., max_update_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
+    nccl: bool
+    def __init__(self, shm_dir: _Optional[str] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[str] = ..., max_update_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., nccl: _Optional[bool] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "temperature", "top_p", "max_tokens", "seed", "stop", "stop_token_ids", "top_k", "ignore_eos")

@@ -68,16 +68,18 @@ class Manifest(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class BeginUpdateRequest(_message.Message):
-    __slots__ = ("version", "manifest", "shm_path", "checkpoint_dir")
+    __slots__ = ("version", "manifest", "shm_path", "checkpoint_dir", "nccl")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SHM_PATH_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_DIR_FIELD_NUMBER: _ClassVar[int]
+    NCCL_FIELD_NUMBER: _ClassVar[int]
     version: int
     manifest: Manifest
     shm_path: str
     checkpoint_dir: str
-    def __init__(self, version: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., shm_path: _Optional[str] = ..., checkpoint_dir: _Optional[str] = ...) -> None: ...
+    nccl: bool
+    def __init__(self, version: _Optional[int] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., shm_path: _Optional[str] = ..., checkpoint_dir: _Optional[str] = ..., nccl: _Optional[bool] = ...) -> None: ...
 
 class BeginUpdateResponse(_message.Message):
     __slots__ = ("update_id", "received_bytes", "committed")
@@ -120,6 +122,16 @@ class AbortUpdateRequest(_message.Message):
     def __init__(self, update_id: _Optional[str] = ...) -> None: ...
 
 class AbortUpdateResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InitWeightTransferRequest(_message.Message):
+    __slots__ = ("init_info_json",)
+    INIT_INFO_JSON_FIELD_NUMBER: _ClassVar[int]
+    init_info_json: str
+    def __init__(self, init_info_json: _Optional[str] = ...) -> None: ...
+
+class InitWeightTransferResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 

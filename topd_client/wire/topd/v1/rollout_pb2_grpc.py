@@ -70,6 +70,11 @@ class RolloutStub:
                 request_serializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateRequest.SerializeToString,
                 response_deserializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateResponse.FromString,
                 _registered_method=True)
+        self.InitWeightTransfer = channel.unary_unary(
+                '/topd.v1.Rollout/InitWeightTransfer',
+                request_serializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferRequest.SerializeToString,
+                response_deserializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferResponse.FromString,
+                _registered_method=True)
 
 
 class RolloutServicer:
@@ -126,6 +131,13 @@ class RolloutServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InitWeightTransfer(self, request, context):
+        """nccl transport (vLLM on GPUs): join the trainer's NCCL group once, before nccl updates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RolloutServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +175,11 @@ def add_RolloutServicer_to_server(servicer, server):
                     servicer.AbortUpdate,
                     request_deserializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateRequest.FromString,
                     response_serializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateResponse.SerializeToString,
+            ),
+            'InitWeightTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitWeightTransfer,
+                    request_deserializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferRequest.FromString,
+                    response_serializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +371,33 @@ class Rollout:
             '/topd.v1.Rollout/AbortUpdate',
             topd_dot_v1_dot_rollout__pb2.AbortUpdateRequest.SerializeToString,
             topd_dot_v1_dot_rollout__pb2.AbortUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitWeightTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/topd.v1.Rollout/InitWeightTransfer',
+            topd_dot_v1_dot_rollout__pb2.InitWeightTransferRequest.SerializeToString,
+            topd_dot_v1_dot_rollout__pb2.InitWeightTransferResponse.FromString,
             options,
             channel_credentials,
             insecure,
