@@ -137,6 +137,7 @@ def run_size(size: str, engine: str, dtype: str, repeats: int, root: Path) -> tu
         memory = MemoryPeak(proc.proc.pid, shm / "staging")
         version = iter(range(1, 10_000))
         pauses: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
+        verifies: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
         peaks: dict[str, list[int]] = {t: [] for t in TRANSPORTS}
         payload = 0
 
@@ -146,6 +147,7 @@ def run_size(size: str, engine: str, dtype: str, repeats: int, root: Path) -> tu
             result = client.update_weights(weights, next(version), transport=transport)
             peaks[transport].append(memory.peak_above())
             pauses[transport].append(result.pause_seconds)
+            verifies[transport].append(result.verify_seconds)
             payload = result.total_bytes
             assert result.transport == transport, result
 
@@ -158,6 +160,7 @@ def run_size(size: str, engine: str, dtype: str, repeats: int, root: Path) -> tu
             raise AssertionError(f"grpc and shm serve different weights: {served}")
         for t in TRANSPORTS:
             pauses[t].clear()
+            verifies[t].clear()
             peaks[t].clear()
         timings = time_interleaved({t: (lambda t=t: push(t)) for t in TRANSPORTS}, repeats=repeats, warmup=0)
         memory.close()
@@ -165,7 +168,7 @@ def run_size(size: str, engine: str, dtype: str, repeats: int, root: Path) -> tu
     for t in TRANSPORTS:
         s = timings.median_s(t)
         rows.append([f"{size} ({params / 1e9:.2f}B)", t, payload / 2**20, s, payload / s / 1e9,
-                     median(peaks[t]) / payload, median(pauses[t])])
+                     median(peaks[t]) / payload, median(verifies[t]), median(pauses[t])])
     summary = {"shm": payload / timings.median_s("shm") / 1e9, "grpc": payload / timings.median_s("grpc") / 1e9,
                "ratio": timings.speed_ratio("shm", "grpc"), "grpc_peak": median(peaks["grpc"]) / payload}
     shutil.rmtree(model, ignore_errors=True)
@@ -199,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"weight push into a {dtype} rollout ({args.engine} engine); median of {repeats} interleaved pushes per "
           f"transport after a warm-up; {machine_line()}")
     print(table(["student", "transport", "payload MiB", "push s", "GB/s", "rollout peak above idle, x payload",
-                 "serving pause s"], rows))
+                 "verify s", "serving pause s"], rows))
     print("\n".join(lines[:-1]))
     print(lines[-1].split(": ", 1)[1].rsplit(" (", 1)[0])
     return 0

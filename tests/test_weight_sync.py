@@ -553,3 +553,25 @@ def test_the_senders_shm_file_is_rewritten_in_place_and_swept(tmp_path):
     fresh, _ = shm.write(small, tmp_path)
     assert not stale.exists() and mine_elsewhere.exists() and fresh.exists()
     shm.discard()
+
+
+def test_staging_left_by_dead_rollouts_is_swept(rollout, tiny_model, tmp_path):
+    """A rollout that died mid-update left its staging dir (1x a payload in tmpfs): the next one
+    on this host removes it when it first stages, and leaves other hosts' and live ones alone."""
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout.strip()
+    left = {"dead": f"{host}-{dead_pid}-x1", "mine": f"{host}-{os.getpid()}-x2",
+            "other host": f"elsewhere-{dead_pid}-x3", "alive": f"{host}-1-x4"}
+    left = {k: tmp_path / f"topd-staging-{v}" for k, v in left.items()}
+    for d in left.values():
+        d.mkdir()
+        (d / "u.bin").write_bytes(b"x" * 64)
+    _, client = rollout()
+    client.update_weights(_perturbed(_load(tiny_model), seed=12), 1, transport="grpc")
+    assert not left["dead"].exists() and not left["mine"].exists()  # in-process: this pid is the rollout's
+    assert left["other host"].exists() and left["alive"].exists()

@@ -1,6 +1,6 @@
 """What the teacher and rollout services share: settings, engine lifecycle, the batched generate
 path, GetInfo, /status, and startup. Each service adds only its own RPCs (Score; Sample,
-Continue and UpdateWeights)."""
+Continue and the weight-update protocol)."""
 
 from __future__ import annotations
 

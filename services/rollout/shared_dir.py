@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.rollout.settings import RolloutSettings
-from services.rollout.updates import UpdateLimits
+from services.rollout.sources import UpdateLimits
 from topd_client.errors import ConfigurationError
 
 log = logging.getLogger(__name__)

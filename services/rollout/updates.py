@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -35,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from services.common.engine import WeightsUnchangedError
 from services.common.staged_weights import StagedWeights
 from services.rollout import verify
+from services.rollout.sources import StagingArea, UpdateLimits, source_of, update_layout
 from topd_client.errors import InvalidInputError, OverloadedError, PreconditionError, TopdError
 from topd_client.weights import DEFAULT_ALGORITHM, new_hasher, split_checksum
 from topd_client.wire.topd.v1 import common_pb2, rollout_pb2
@@ -53,16 +52,6 @@ class UpdateTarget(Protocol):
 
     def apply_update(self, staged: StagedWeights, version: int) -> float:
         """Apply in place and serve `version`; returns the seconds serving paused."""
-
-
-@dataclass(frozen=True)
-class UpdateLimits:
-    shm_dir: Path | None          # where senders may put shm updates (None: shm off)
-    staging_dirs: tuple[Path, ...]  # where gRPC buckets are staged, first with room wins
-    weights_dir: Path | None      # where checkpoint_dir updates may come from (None: refused)
-    max_update_bytes: int         # 0: only the model's own size bounds an update
-    idle_timeout_s: float
-    nccl: bool = False            # takes updates broadcast over NCCL (vLLM on a GPU)
 
 
 @dataclass
@@ -110,7 +99,7 @@ class WeightUpdates:
         self._committed: _Committed | None = None
         self._ended: dict[str, str] = {}  # recent update ids that ended without a commit -> why
         self._stream: _OpenStream | None = None  # the one SendBuckets stream allowed at a time
-        self._staging: Path | None = None
+        self._staging = StagingArea(limits.staging_dirs)
         self._stop = threading.Event()
         self.outcomes = Counter("topd_weight_updates", "Weight updates by source and outcome",
                                 ["source", "outcome"], registry=registry)
@@ -123,8 +112,7 @@ class WeightUpdates:
 
     # ------------------------------------------------------------------ begin
     def begin(self, req: rollout_pb2.BeginUpdateRequest) -> rollout_pb2.BeginUpdateResponse:
-        source = {"shm_path": "shm", "checkpoint_dir": "checkpoint_dir", "nccl": "nccl"}.get(
-            req.WhichOneof("source"), "grpc")
+        source = source_of(req)
         try:
             return self._begin(req, source)
         except TopdError:
@@ -132,9 +120,8 @@ class WeightUpdates:
             raise
 
     def _begin(self, req: rollout_pb2.BeginUpdateRequest, source: str) -> rollout_pb2.BeginUpdateResponse:
-        staged, origin = self._source(req, source)
+        staged, origin = update_layout(req, self.limits, *self.target.weight_layout())
         claimed = _canonical(req.manifest.checksum)
-        self._check_size(staged.total_bytes)
         key = _layout_key(staged)
         with self._lock:
             repeat = self._resend_answer(req.version, key, claimed)
@@ -152,7 +139,7 @@ class WeightUpdates:
                     f"abort, or after {self.limits.idle_timeout_s:.0f} s without progress): retry later")
             update_id, fd = uuid.uuid4().hex, None
             if source == "grpc":
-                staged, fd = self._stage(staged, update_id)
+                staged, fd = self._staging.create(staged, update_id)
             now = time.monotonic()
             u = _Update(update_id, req.version, source, origin, key, staged, claimed, staged.total_bytes, now, now,
                         fd=fd)
@@ -160,25 +147,6 @@ class WeightUpdates:
         log.info("update %s: version %d from %s, %d tensors, %.1f MiB", update_id[:8], u.version, source,
                  len(staged.tensors), u.total / 2**20)
         return rollout_pb2.BeginUpdateResponse(update_id=update_id)
-
-    def _source(self, req: rollout_pb2.BeginUpdateRequest, source: str) -> tuple[StagedWeights, str]:
-        """The update's layout, checked against the model, and where its bytes are ("" for buckets)."""
-        shapes, tied = self.target.weight_layout()
-        if source == "checkpoint_dir":
-            origin, staged = self._checkpoint(req.checkpoint_dir)
-        else:
-            specs = [(t.name, t.dtype, tuple(t.shape)) for t in req.manifest.tensors]
-            verify.check_layout(specs, shapes, tied)
-            total = StagedWeights.from_layout(specs, "").total_bytes
-            if req.manifest.total_bytes != total:
-                raise InvalidInputError(f"manifest total_bytes {req.manifest.total_bytes} != {total}, the size of "
-                                        "its tensors")
-            if source == "nccl" and not self.limits.nccl:
-                raise PreconditionError("this rollout takes no nccl updates: start it with --weight-transfer nccl")
-            origin = self._shm_file(req.shm_path, total) if source == "shm" else ""
-            staged = StagedWeights.from_layout(specs, origin, via="nccl" if source == "nccl" else "files")
-        verify.check_layout([(t.name, t.dtype, t.shape) for t in staged.tensors], shapes, tied)
-        return staged, origin
 
     def _resend_answer(self, version: int, key: str, claimed: str) -> rollout_pb2.UpdateWeightsResponse | None:
         """Version checks: above the serving one, or equal to the last commit (a re-send: answered
@@ -192,61 +160,6 @@ class WeightUpdates:
         if version <= serving:
             raise PreconditionError(f"stale update: version {version} is not above the serving version {serving}")
         return None
-
-    def _checkpoint(self, checkpoint_dir: str) -> tuple[str, StagedWeights]:
-        root = self.limits.weights_dir
-        if root is None:
-            raise PreconditionError("checkpoint_dir updates are off: start the rollout with --weights-dir DIR to "
-                                    "allow checkpoints under DIR")
-        path = _confined(Path(checkpoint_dir), root, "checkpoint_dir")
-        if not path.is_dir():
-            raise InvalidInputError(f"checkpoint_dir {checkpoint_dir}: not a directory")
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise InvalidInputError(f"checkpoint_dir {checkpoint_dir}: no *.safetensors files")
-        for f in files:
-            _confined(f, root, "checkpoint_dir file")
-        try:
-            return str(path), StagedWeights.from_safetensors(files)
-        except (OSError, ValueError) as exc:
-            raise InvalidInputError(f"checkpoint_dir {checkpoint_dir}: {exc}") from None
-
-    def _shm_file(self, shm_path: str, total: int) -> str:
-        root = self.limits.shm_dir
-        if root is None:
-            raise PreconditionError("shm updates are off on this rollout (no --shm-dir); use the grpc transport")
-        path = _confined(Path(shm_path), root, "shm_path")
-        if not path.is_file():
-            raise InvalidInputError(f"shm_path {shm_path}: not a regular file")
-        size = path.stat().st_size
-        if size != total:
-            raise InvalidInputError(f"shm_path {shm_path} has {size} bytes; the manifest says {total}")
-        return str(path)
-
-    def _check_size(self, total: int) -> None:
-        cap = self.limits.max_update_bytes
-        if cap and total > cap:
-            raise InvalidInputError(f"update of {total / 2**20:.1f} MiB exceeds --max-update-mb "
-                                    f"{cap / 2**20:.0f}")
-
-    def _stage(self, staged: StagedWeights, update_id: str) -> tuple[StagedWeights, int]:
-        """A rollout-private file for the update's buckets, in the first staging dir with room."""
-        total = staged.total_bytes
-        for base in self.limits.staging_dirs:
-            try:
-                base.mkdir(parents=True, exist_ok=True)
-                if shutil.disk_usage(base).free >= total + (64 << 20):
-                    break
-            except OSError:
-                continue
-        else:
-            raise PreconditionError(f"no room to stage a {total / 2**20:.0f} MiB update in "
-                                    f"{', '.join(map(str, self.limits.staging_dirs))}; set --staging-dir")
-        if self._staging is None or self._staging.parent != Path(base):
-            self._staging = Path(tempfile.mkdtemp(prefix=f"topd-staging-{os.getpid()}-", dir=base))
-        path = self._staging / f"{update_id}.bin"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        return StagedWeights.from_layout([(t.name, t.dtype, t.shape) for t in staged.tensors], path), fd
 
     # ------------------------------------------------------------------ buckets
     def receive(self, buckets: Iterable[rollout_pb2.WeightBucket], context: grpc.ServicerContext
@@ -475,8 +388,7 @@ class WeightUpdates:
         with self._lock:
             if self._inflight is not None:
                 self._end(self._inflight, "aborted: the rollout stopped")
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
+        self._staging.close()
 
 
 @dataclass
@@ -485,19 +397,8 @@ class _OpenStream:
     last: float = field(default_factory=time.monotonic)
 
 
-def _confined(path: Path, root: Path, what: str) -> Path:
-    """`path` with symlinks and .. resolved, refused unless it lies under `root` (resolved too)."""
-    try:
-        real = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise InvalidInputError(f"{what} {path}: does not exist") from None
-    if not real.is_relative_to(root.resolve()):
-        raise InvalidInputError(f"{what} {path} is outside {root}; only paths under it are accepted")
-    return real
-
-
 def _canonical(checksum: str) -> str:
-    """'BLAKE3:AB..' style variations compare equal; "" stays "" (refused later if it is needed)."""
+    """'SHA256:AB..' style variations compare equal; "" stays "" (refused later if it is needed)."""
     return ":".join(split_checksum(checksum)) if checksum else ""
 
 
