@@ -19,7 +19,7 @@ import torch
 from tests.conftest import ref_logprobs
 from tests.procs import service
 from tests.test_rollout_service import _load, _perturbed, engine  # noqa: F401 - engine: hf and vllm
-from topd_client import ConfigurationError, InvalidInputError, PreconditionError, RolloutClient
+from topd_client import ConfigurationError, InvalidInputError, OverloadedError, PreconditionError, RolloutClient
 from topd_client.weights import WeightPayload
 from topd_client.wire.topd.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 
@@ -575,3 +575,15 @@ def test_staging_left_by_dead_rollouts_is_swept(rollout, tiny_model, tmp_path):
     client.update_weights(_perturbed(_load(tiny_model), seed=12), 1, transport="grpc")
     assert not left["dead"].exists() and not left["mine"].exists()  # in-process: this pid is the rollout's
     assert left["other host"].exists() and left["alive"].exists()
+
+
+def test_a_dead_senders_update_does_not_block_the_next_sender(rollout, tiny_model):
+    """A sender died between BeginUpdate and its bytes: the next sender's update waits for the
+    rollout's idle timeout to free the slot, then goes through (with retries=0 it is refused at once)."""
+    run, quick = rollout(update_idle_timeout_s=1.0)
+    new = _perturbed(_load(tiny_model), seed=13)
+    quick.begin_update(1, WeightPayload.from_state_dict(new).manifest)  # then "dies"
+    with pytest.raises(OverloadedError, match="update busy"):
+        quick.update_weights(new, 2)
+    with RolloutClient(f"127.0.0.1:{run.endpoints.grpc_port}", backoff_s=0.05) as patient:
+        assert patient.update_weights(new, 2).version == 2

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence, Union
 import numpy as np
 
 from topd_client._channel import BaseClient
-from topd_client.errors import ConfigurationError, UnavailableError
+from topd_client.errors import ConfigurationError, OverloadedError, UnavailableError
 from topd_client.results import Completion, ModelInfo, completions_from_wire, info_from_wire, sampling_to_wire
 from topd_client.tensors import to_wire
 from topd_client.weights import DEFAULT_ALGORITHM, ShmFile, WeightPayload, new_hasher
@@ -137,6 +137,9 @@ class RolloutClient(BaseClient):
     def begin_update(self, version: int, manifest: rollout_pb2.Manifest | None = None, *, shm_path: str = "",
                      checkpoint_dir: str = "", nccl: bool = False,
                      timeout: float | None = None) -> rollout_pb2.BeginUpdateResponse:
+        """Open an update. While another one holds the rollout's single slot (RESOURCE_EXHAUSTED),
+        keep retrying until the rollout's idle timeout would have freed it: the slot of a sender
+        that died is freed that way (with retries=0, no waiting)."""
         request = rollout_pb2.BeginUpdateRequest(version=version, manifest=manifest)
         if nccl:
             request.nccl = True
@@ -144,7 +147,17 @@ class RolloutClient(BaseClient):
             request.shm_path = shm_path
         if checkpoint_dir:
             request.checkpoint_dir = checkpoint_dir
-        return self.call(self._stub.BeginUpdate, request, timeout=timeout)
+        deadline = None
+        while True:
+            try:
+                return self.call(self._stub.BeginUpdate, request, timeout=timeout)
+            except OverloadedError:
+                if deadline is None and self.retries:
+                    idle = self.call(self._stub.GetInfo, common_pb2.InfoRequest()).weight_sync.idle_timeout_s
+                    deadline = time.monotonic() + (idle or 30.0) + 5.0
+                if deadline is None or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def send_buckets(self, buckets: Iterator[rollout_pb2.WeightBucket], *,
                      timeout: float | None = None) -> rollout_pb2.SendBucketsResponse:
