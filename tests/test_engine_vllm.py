@@ -2,8 +2,8 @@
 
 One engine per model for the whole module (startup spawns two processes that import vLLM, tens of
 seconds on 2 cores). Weight-update tests run last in the module and put the original weights back.
-Guards: stale tied lm_head after reload (logprob error ~5 without the CPU re-pack) and prefix-cache
-KV reused across a weight update.
+Guards: stale tied lm_head after reload (logprob error ~5 without the CPU re-pack), prefix-cache
+KV reused across a weight update, and a refused prefix-cache reset that used to follow the reload.
 """
 
 from __future__ import annotations
@@ -232,14 +232,20 @@ def _long_prompt_logprob_error(eng, hf, prompt) -> float:
     return float(np.abs(out.logprobs_T - ref_tok).max())
 
 
+def _staged(model_dir):
+    from services.common.staged_weights import StagedWeights
+
+    return StagedWeights.from_safetensors(sorted(model_dir.glob("*.safetensors")))
+
+
 @pytest.mark.parametrize("which", ["untied", "tied"])
-def test_load_weights_matches_new_model_and_resets_prefix_cache(which, models, request):
+def test_apply_weights_matches_new_model_and_resets_prefix_cache(which, models, request):
     eng = request.getfixturevalue("engine" if which == "untied" else "tied_engine")
     old_hf, new_hf = _hf(models[which]), _hf(models[f"{which}_new"])
     long_prompt = np.random.default_rng(5).integers(3, VOCAB, size=300).astype(np.int32)
     assert _long_prompt_logprob_error(eng, old_hf, long_prompt) < SAMPLE_TOL  # warms the prefix cache
 
-    eng.load_weights(dict(new_hf.state_dict()))
+    eng.apply_weights(_staged(models[f"{which}_new"]))
     seqs, starts = _sequences(6)
     for seq, start, out in zip(seqs, starts, eng.score(seqs, starts, top_k=5)):
         ref_tok, logp = _rows(_hf_logp(new_hf, seq), seq, start)
@@ -247,7 +253,7 @@ def test_load_weights_matches_new_model_and_resets_prefix_cache(which, models, r
         np.testing.assert_allclose(out.topk_logprobs_Rk, logp.topk(5, dim=-1).values.numpy(), atol=SAMPLE_TOL, rtol=0)
     assert _long_prompt_logprob_error(eng, new_hf, long_prompt) < SAMPLE_TOL
 
-    eng.load_checkpoint_dir(models[which])  # back to the original weights, from disk
+    eng.restore_base_weights()  # back to the original weights, from disk
     seq, start = seqs[0], starts[0]
     out = eng.score([seq], [start], top_k=0)[0]
     ref_tok, _ = _rows(_hf_logp(old_hf, seq), seq, start)
@@ -255,20 +261,24 @@ def test_load_weights_matches_new_model_and_resets_prefix_cache(which, models, r
     assert _long_prompt_logprob_error(eng, old_hf, long_prompt) < SAMPLE_TOL
 
 
-def test_load_weights_refuses_partial_updates(engine, models):
-    """vLLM rebuilds a fused layer given only some parts from uninitialised memory (NaN seen): refuse."""
-    from safetensors.torch import save
+def test_a_refused_prefix_cache_reset_changes_nothing(engine, models, monkeypatch):
+    """The prefix cache is reset before any weight is touched: when vLLM refuses, the update fails
+    with the old weights intact (it used to load the new weights first, then fail, so new weights
+    served under the old version)."""
+    from services.common.engine import WeightsUnchangedError
 
-    state = _hf(models["untied"]).state_dict()
-    name = "model.layers.0.self_attn.q_proj.weight"
-    with pytest.raises(ValueError, match="1 missing"):
-        engine.load_weights({n: t for n, t in state.items() if n != name})
-    with pytest.raises(ValueError, match="missing"):
-        engine.load_weights_bytes(save({name: state[name].contiguous()}))
-    with pytest.raises(ValueError, match="wrong shape"):
-        engine.load_weights({**state, name: state[name][:8]})
-    with pytest.raises(ValueError, match="unknown"):
-        engine.load_weights({**state, "model.extra.weight": torch.zeros(2)})
+    old_hf = _hf(models["untied"])
+    long_prompt = np.random.default_rng(6).integers(3, VOCAB, size=200).astype(np.int32)
+    monkeypatch.setattr(engine.llm, "reset_prefix_cache", lambda *a, **k: False)
+    with pytest.raises(WeightsUnchangedError, match="prefix cache"):
+        engine.apply_weights(_staged(models["untied_new"]))
+    monkeypatch.undo()
+    assert _long_prompt_logprob_error(engine, old_hf, long_prompt) < SAMPLE_TOL
+
+
+def test_tied_weights_name_the_shared_lm_head(engine, tied_engine):
+    assert engine.tied_weights() == {}
+    assert tied_engine.tied_weights() == {"lm_head.weight": "model.embed_tokens.weight"}
 
 
 def test_vllm_engine_death_becomes_a_fatal_unavailable_error():
@@ -293,5 +303,5 @@ def test_vllm_engine_death_becomes_a_fatal_unavailable_error():
     assert isinstance(info.value, UnavailableError) and isinstance(info.value.__cause__, VLLMEngineDeadError)
     with pytest.raises(ValueError, match="not fatal"):
         bad_input()
-    for name in ("score", "generate", "load_weights", "load_weights_bytes", "load_checkpoint_dir"):
+    for name in ("score", "generate", "apply_weights"):
         assert getattr(VLLMEngine, name).__wrapped__, name

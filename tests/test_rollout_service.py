@@ -1,9 +1,9 @@
 """The rollout service over loopback gRPC, for both engines: sampling vs transformers, live weight
-updates (tied and untied models), rejected updates, and updates racing with sampling."""
+updates (tied and untied models) and updates racing with sampling. Refused updates and the update
+protocol itself: tests/test_weight_sync.py."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 
 import grpc
@@ -13,9 +13,7 @@ import torch
 
 from tests.conftest import ref_logprobs
 from tests.procs import service
-from topd_client import InvalidInputError, PreconditionError, RolloutClient
-from topd_client.safetensors_stream import iter_payload
-from topd_client.wire.topd.v1 import rollout_pb2, rollout_pb2_grpc
+from topd_client import RolloutClient
 
 
 def _vllm_available() -> bool:
@@ -62,8 +60,10 @@ def engine(request):
 @pytest.fixture(scope="module", params=["untied", "tied"])
 def served(request, engine, tiny_model, tiny_tied_model, tmp_path_factory):
     path = tiny_model if request.param == "untied" else tiny_tied_model
-    with service("rollout", path, tmp_path_factory.mktemp("logs"), "--engine", engine) as proc:
-        yield {"proc": proc, "path": path, "model": _load(path), "client": RolloutClient(proc.address, retries=0)}
+    logs, weights_dir = tmp_path_factory.mktemp("logs"), tmp_path_factory.mktemp("weights")
+    with service("rollout", path, logs, "--engine", engine, "--weights-dir", str(weights_dir)) as proc:
+        yield {"proc": proc, "path": path, "model": _load(path), "client": RolloutClient(proc.address, retries=0),
+               "weights_dir": weights_dir}
 
 
 def test_greedy_equals_transformers_and_logprobs_match(served):
@@ -100,56 +100,16 @@ def test_update_then_logprobs_follow_new_weights(served):
         _check_sample_logprobs(model, prompt, c)
 
 
-def _raw_update(proc, chunks):
-    with grpc.insecure_channel(proc.address) as ch:
-        return rollout_pb2_grpc.RolloutStub(ch).UpdateWeights(iter(chunks), timeout=60)
-
-
-def test_bad_updates_are_rejected_and_old_weights_keep_serving(served):
-    proc, model, client = served["proc"], served["model"], served["client"]
-    current = client.info().policy_version
-    before = client.sample(PROMPTS, max_tokens=6, temperature=0.0)
-    good = _perturbed(model, seed=999)
-    payload = b"".join(iter_payload(good))
-    sha = hashlib.sha256(payload).hexdigest()
-    cases = {
-        "truncated": [rollout_pb2.WeightChunk(version=current + 1, sha256=sha, total_bytes=len(payload),
-                                              data=payload[: len(payload) // 2])],
-        "corrupt": [rollout_pb2.WeightChunk(version=current + 1, sha256=sha, total_bytes=len(payload),
-                                            data=payload[:100] + b"\xff" + payload[101:])],
-        "not safetensors": [rollout_pb2.WeightChunk(version=current + 1, data=b"garbage" * 10)],
-    }
-    for what, chunks in cases.items():
-        with pytest.raises(grpc.RpcError) as err:
-            _raw_update(proc, chunks)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
-    wrong_shape = dict(good)
-    wrong_shape["model.norm.weight"] = torch.zeros(3)
-    with pytest.raises(InvalidInputError, match="wrong shapes"):
-        client.update_weights(wrong_shape, version=current + 1)
-    unknown = {**good, "model.extra.weight": torch.zeros(2)}
-    with pytest.raises(InvalidInputError, match="unknown names"):
-        client.update_weights(unknown, version=current + 1)
-    missing = {k: v for k, v in good.items() if k != "model.norm.weight"}
-    with pytest.raises(InvalidInputError, match="missing names"):
-        client.update_weights(missing, version=current + 1)
-    with pytest.raises(PreconditionError, match="stale update"):
-        client.update_weights(good, version=current)
-    assert client.info().policy_version == current
-    after = client.sample(PROMPTS, max_tokens=6, temperature=0.0)
-    for a, b in zip(before, after):
-        np.testing.assert_array_equal(a[0].tokens, b[0].tokens)
-        np.testing.assert_allclose(a[0].logprobs, b[0].logprobs, atol=1e-6)
-
-
-def test_checkpoint_dir_update(served, tmp_path):
+def test_checkpoint_dir_update(served):
     from safetensors.torch import save_file
 
     model, client = served["model"], served["client"]
     version = client.info().policy_version + 1
     new = _perturbed(model, seed=4242)
-    save_file(new, tmp_path / "model.safetensors")
-    assert client.update_weights(tmp_path, version=version).version == version
+    ckpt = served["weights_dir"] / f"v{version}"
+    ckpt.mkdir()
+    save_file(new, ckpt / "model.safetensors")
+    assert client.update_weights(ckpt, version=version).version == version
     model.load_state_dict(new, strict=False)
     (c,) = client.continue_from([PROMPTS[0]], max_tokens=5, temperature=0.0)[0]
     _check_sample_logprobs(model, PROMPTS[0], c)
@@ -219,25 +179,6 @@ def test_serving_dtype_names() -> None:
 
     assert serving_dtype("bfloat16") is torch.bfloat16 and serving_dtype("float32") is torch.float32
     assert serving_dtype("int8") is None and serving_dtype("auto") is None and serving_dtype("") is None
-
-
-@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 4 << 20])
-def test_streamed_payload_is_valid_safetensors_in_bounded_chunks(chunk_bytes: int) -> None:
-    from safetensors.torch import load
-
-    from topd_client.safetensors_stream import payload_sha256, payload_size
-
-    g = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(3, 5, generator=g), "b": torch.randn(7, generator=g).to(torch.bfloat16),
-               "empty": torch.zeros(0, 4), "i": torch.arange(6, dtype=torch.int64).reshape(2, 3)[:, ::2]}
-    chunks = list(iter_payload(tensors, chunk_bytes))
-    payload = b"".join(chunks)
-    assert all(0 < len(c) for c in chunks) and all(len(c) <= chunk_bytes for c in chunks[1:])
-    assert len(payload) == payload_size(tensors) and hashlib.sha256(payload).hexdigest() == payload_sha256(tensors)
-    back = load(payload)
-    assert back.keys() == tensors.keys()
-    for name, t in tensors.items():
-        assert back[name].dtype == t.dtype and torch.equal(back[name], t.contiguous())
 
 
 def test_a_dead_engine_makes_the_service_unready_and_exit(tiny_model, monkeypatch):

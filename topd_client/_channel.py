@@ -87,14 +87,15 @@ class BaseClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def call(self, fn: Callable[..., T], request, *, timeout: float | None = None) -> T:
-        """Invoke an RPC; retry UNAVAILABLE / RESOURCE_EXHAUSTED for up to `retry_for_s` (see the class)."""
+    def call(self, fn: Callable[..., T], request, *, timeout: float | None = None, retry: bool = True) -> T:
+        """Invoke an RPC; retry UNAVAILABLE / RESOURCE_EXHAUSTED for up to `retry_for_s` (see the class).
+        retry=False for a call that cannot simply be sent again (a client stream already consumed)."""
         waiting = _Wait(self)
         while True:
             try:
                 out = fn(request, timeout=timeout or self.timeout, metadata=self.metadata)
             except grpc.RpcError as err:
-                if err.code() not in RETRYABLE or not waiting.another(err):
+                if not retry or err.code() not in RETRYABLE or not waiting.another(err):
                     raise to_topd_error(err) from None
                 continue
             waiting.done()

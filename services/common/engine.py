@@ -14,6 +14,7 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
+from services.common.staged_weights import StagedWeights
 from topd_client.errors import UnavailableError
 
 
@@ -21,6 +22,11 @@ class EngineDeadError(UnavailableError):
     """The engine can serve nothing more (vLLM's engine process died). Callers get UNAVAILABLE and
     retry; the service exits non-zero so that its supervisor (compose, Kubernetes) restarts it,
     instead of staying "ready" while failing every request."""
+
+
+class WeightsUnchangedError(UnavailableError):
+    """A weight update could not start and changed nothing (vLLM refused to reset its prefix
+    cache): the old weights and version keep serving, and committing again may succeed."""
 
 
 @dataclass(frozen=True)
@@ -94,8 +100,24 @@ class Engine(Protocol):
     def weight_shapes(self) -> Mapping[str, tuple[int, ...]]:
         """Names and shapes of the parameters an update must provide (HF naming)."""
 
-    def load_weights(self, tensors: Mapping[str, "object"]) -> None:
-        """Replace the weights in place (already validated against `weight_shapes`)."""
+    def tied_weights(self) -> Mapping[str, str]:
+        """Names an update may also carry that share another weight's memory (a tied model's
+        lm_head.weight -> model.embed_tokens.weight); not listed in `weight_shapes`."""
+
+    def apply_weights(self, staged: StagedWeights) -> None:
+        """Replace every weight in place from a verified update (`staged.to_apply()`, all of
+        `weight_shapes`), and drop state computed with the old ones (vLLM's prefix cache).
+        `staged.via == "nccl"`: receive the bytes from the trainer's NCCL broadcast instead.
+
+        Raises WeightsUnchangedError when it failed before changing anything; after any other
+        error the weights are undefined and the caller restores them (`restore_base_weights`).
+        """
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        """Join a trainer's NCCL group for `via="nccl"` updates (vLLM's worker init info)."""
+
+    def restore_base_weights(self) -> None:
+        """Reload the weights the engine started with (its model's checkpoint files)."""
 
     def close(self) -> None:
         """Release the model (and any engine subprocess)."""

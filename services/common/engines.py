@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "auto", max_top_k: int = 64,
                 max_seq_len: int | None = None, seed: int = 0, kv_cache_mb: int | None = None,
-                gpu_memory_utilization: float = 0.4) -> Engine:
+                gpu_memory_utilization: float = 0.4, weight_transfer: str = "off") -> Engine:
     """`auto` = vLLM on a GPU when it is installed, else transformers (on a CPU a torch forward scored
     ~25x faster than vLLM's prompt_logprobs here)."""
     path = resolve_model(model)
@@ -28,6 +28,9 @@ def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "au
     if kind == "hf":
         from services.common.engine_hf import HFEngine
 
+        if weight_transfer != "off":
+            raise ValueError(f"weight_transfer {weight_transfer!r} needs the vllm engine")
+
         return HFEngine(path, dtype=dtype, device=dev, max_seq_len=max_seq_len)
     if kind == "vllm":
         from services.common.engine_vllm import VLLMEngine
@@ -37,7 +40,8 @@ def load_engine(kind: str, model: str, *, device: str = "auto", dtype: str = "au
         else:
             kv_bytes = kv_cache_mb << 20
         return VLLMEngine(path, dtype=dtype, device=dev, max_model_len=max_seq_len, max_top_k=max_top_k, seed=seed,
-                          kv_cache_bytes=kv_bytes, gpu_memory_utilization=gpu_memory_utilization)
+                          kv_cache_bytes=kv_bytes, gpu_memory_utilization=gpu_memory_utilization,
+                          weight_transfer=weight_transfer)
     raise ValueError(f"unknown engine {kind!r}; valid: auto, hf, vllm")
 
 

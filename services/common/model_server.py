@@ -1,6 +1,6 @@
 """What the teacher and rollout services share: settings, engine lifecycle, the batched generate
 path, GetInfo, /status, and startup. Each service adds only its own RPCs (Score; Sample,
-Continue and UpdateWeights)."""
+Continue and the weight-update protocol)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,11 @@ class ModelServerCore:
         s = self.settings
         self.engine = load_engine(s.engine, s.model, device=s.device, dtype=s.dtype, max_top_k=s.max_top_k,
                                   max_seq_len=s.max_seq_len, seed=s.seed, kv_cache_mb=s.kv_cache_mb,
-                                  gpu_memory_utilization=s.gpu_memory_utilization)
+                                  gpu_memory_utilization=s.gpu_memory_utilization, **self.engine_options())
+
+    def engine_options(self) -> dict[str, Any]:
+        """Extra `load_engine` arguments of one service."""
+        return {}
 
     def require_engine(self) -> Engine:
         if self.engine is None:

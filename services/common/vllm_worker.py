@@ -5,8 +5,9 @@ vLLM mixes this class into its worker (in the engine-core process) and the engin
 methods with `llm.collective_rpc("topd_...", args=...)`.
 
 Arguments cross a process boundary as msgpack, where a torch tensor turns into nested lists, so
-weights travel as one safetensors payload (`bytes`) and are decoded here. Nothing in this module
-imports vLLM at import time; the worker has already imported it when these methods run.
+weights do not travel at all: the worker gets where each tensor's bytes are (a staged update's
+files) and reads them itself. Nothing in this module imports vLLM at import time; the worker has
+already imported it when these methods run.
 """
 
 from __future__ import annotations
@@ -22,19 +23,30 @@ class TopdWorkerExtension:
     model_runner: Any
     reload_weights: Any
 
-    def topd_load_safetensors(self, payload: bytes) -> int:
-        """Reload weights in place from a safetensors payload (checkpoint names); return the tensor count."""
-        from safetensors.torch import load
+    def topd_apply_staged(self, rows: list) -> int:
+        """Reload every weight in place from a staged update (`StagedWeights.to_tuples()`), read
+        from its files one tensor at a time; then re-pack a tied CPU lm_head and zero the KV cache.
+        Returns the tensor count."""
+        from services.common.staged_weights import StagedWeights
 
-        tensors = load(payload if isinstance(payload, bytes) else bytes(payload))
-        self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
-        _repack_tied_cpu_lm_head(self.model_runner.get_model())
-        return len(tensors)
+        staged = StagedWeights.from_tuples(rows)
+        self.reload_weights(weights_iterator=staged.iter_tensors(), is_checkpoint_format=True)
+        self.topd_after_reload()
+        return len(staged.tensors)
 
-    def topd_load_checkpoint_dir(self, path: str) -> None:
-        """Reload weights in place from the safetensors files in `path` (same architecture)."""
-        self.reload_weights(weights_path=path, is_checkpoint_format=True)
+    def topd_after_reload(self) -> None:
+        """Re-pack a tied CPU lm_head and zero the KV cache (after any in-place reload)."""
         _repack_tied_cpu_lm_head(self.model_runner.get_model())
+        _zero_kv_cache(self.model_runner)
+
+    def topd_first_nonfinite(self) -> str:
+        """The first weight holding NaN or inf, "" when none: all an nccl update can be checked for."""
+        for name, p in self.model_runner.get_model().named_parameters():
+            if p.numel():
+                lo, hi = torch.aminmax(p)
+                if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                    return name
+        return ""
 
     def topd_set_logit_scale(self, factor: float) -> float:
         """Multiply the model's logit scale by `factor` (1/temperature); return the previous scale.
@@ -59,6 +71,20 @@ def _logits_processor(model: torch.nn.Module) -> Any:
         raise NotImplementedError(
             f"{type(model).__name__} has no `logits_processor.scale`; score with temperature 1.0")
     return processor
+
+
+def _zero_kv_cache(model_runner: Any) -> None:
+    """Zero every KV-cache block. Freed blocks keep what was computed with the old weights, and
+    attention reads masked slots of a block too (weight 0 times NaN is NaN): vLLM served NaN under a
+    clean update after a NaN one. Cheap: the cache is tens of MiB on CPU, memset speed on a GPU."""
+    def zero(caches: Any) -> None:
+        if isinstance(caches, torch.Tensor):
+            caches.zero_()
+        elif isinstance(caches, (list, tuple)):
+            for c in caches:
+                zero(c)
+
+    zero(getattr(model_runner, "kv_caches", None))
 
 
 def _repack_tied_cpu_lm_head(model: torch.nn.Module) -> None:

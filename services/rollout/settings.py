@@ -23,3 +23,20 @@ class RolloutSettings(ModelServerSettings):
     max_batch_tokens: int = Field(65536, description="Token budget of one merged engine call")
     max_wait_ms: float = Field(2.0, description="How long the batcher waits for a batch to fill")
     gpu_memory_utilization: float = Field(0.3, description="Fraction of GPU memory vLLM may take")
+    shm_dir: str = Field("auto", description="Memory-backed directory shared with the trainer (same host, or a tmpfs "
+                                              "volume both mount): updates written there skip gRPC. auto = "
+                                              "/dev/shm/topd when /dev/shm is writable; off = gRPC only")
+    staging_dir: str | None = Field(None, description="Where gRPC weight updates are staged while they arrive "
+                                                       "(default: the shm dir when it has room, else the temp dir)")
+    weights_dir: str | None = Field(None, description="Directory that checkpoint_dir updates must lie under "
+                                                       "(unset: checkpoint_dir updates are refused)")
+    max_update_mb: int | None = Field(None, description="Refuse weight updates larger than this (MiB); default: "
+                                                         "only the model's own size bounds them")
+    weight_transfer: Literal["off", "nccl"] = Field("off", description="nccl: also take weight updates broadcast "
+                                                                    "over NCCL by a trainer on a GPU (vllm "
+                                                                    "engine on CUDA only)")
+    update_idle_timeout_s: float = Field(30.0, description="Abort a weight update (and cut its stream) after this "
+                                                           "long without progress")
+    update_owner_lease_s: float = Field(600.0, ge=0, description="One trainer per rollout: updates from another "
+                                                                 "owner are refused until this long after the "
+                                                                 "owner's last update")

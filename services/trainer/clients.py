@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,11 +20,12 @@ import torch
 from torch import Tensor
 
 from services.common.fingerprint import tokenizer_fingerprint
+from services.trainer import weight_sync
 from services.trainer.batch import Samples, TeacherScores
 from services.trainer.settings import ServicesSettings
 from services.trainer.student import named_weights, serving_dtype
 from topd_client import ModelInfo, RolloutClient, TeacherClient
-from topd_client.errors import TokenizerMismatchError
+from topd_client.errors import TokenizerMismatchError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,22 @@ class ServiceClients:
     """Teacher + rollout clients of one trainer rank."""
 
     def __init__(self, cfg: ServicesSettings, rank: int = 0, token: str | None = None,
-                 stop_event: threading.Event | None = None) -> None:
+                 stop_event: threading.Event | None = None, run_id: str = "") -> None:
         common = dict(token=token, timeout=cfg.rpc_timeout, retry_for_s=cfg.service_timeout)
         self.cfg = cfg
         self.teacher = TeacherClient(cfg.teacher_address, client_id=cfg.client_id, **common)
-        self.rollout = RolloutClient(cfg.rollout_for(rank), client_id=f"{cfg.client_id}-r{rank}", **common)
+        # the rollout takes weights from this run only (its lease), so a second trainer cannot take it over
+        self.rollout = RolloutClient(cfg.rollout_for(rank), client_id=f"{cfg.client_id}-r{rank}",
+                                     owner=f"{cfg.client_id}/{run_id}" if run_id else "", **common)
         self.stop_event = stop_event or threading.Event()  # set to end waits for a service early (shutdown)
         self.teacher.stop_event = self.rollout.stop_event = self.stop_event
         # Two requests at a time: the teacher's and the rollout's windows of one step.
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="topd-branch")
         self.teacher_info: ModelInfo | None = None
         self.rollout_info: ModelInfo | None = None
-        self.pushed_version = 0
+        self.pushed_version = 0  # the last version the rollout committed
+        self.last_push: dict[str, float] = {}
+        self._inflight: tuple[int, Future] | None = None  # an async push: (version, its future)
         self.push_pending = False  # the last push did not reach the rollout: it goes again before the next step
         self._known: Instances | None = None
         self._student_fingerprint = ""
@@ -115,7 +120,7 @@ class ServiceClients:
             log.warning("teacher at %s restarted (same model); training goes on", self.cfg.teacher_address)
         if r_info.instance_id != known.rollout:
             self._check_tokenizer("rollout", r_info)
-            if r_info.policy_version != self.pushed_version:
+            if r_info.policy_version not in (self.pushed_version, self.newest_version):
                 raise RolloutOutOfSync(f"rollout at {self.rollout.address} restarted and serves policy version "
                                        f"{r_info.policy_version}, not the trainer's {self.pushed_version}")
 
@@ -151,21 +156,51 @@ class ServiceClients:
         s_fut = self._pool.submit(self.rollout.continue_from, arrays, max_tokens=window, temperature=temperature,
                                   seed=seed)
         student = [g[0] for g in s_fut.result()]
-        stale = {c.policy_version for c in student} - {self.pushed_version}
+        stale = {c.policy_version for c in student} - {self.pushed_version, self.newest_version}
         if stale:
             t_fut.result()
             raise RolloutOutOfSync(f"rollout answered near-future windows with policy version(s) {sorted(stale)}, "
                                    f"not the trainer's {self.pushed_version}")
         return Branches(prefixes, [g[0] for g in t_fut.result()], student)
 
-    def push(self, model: torch.nn.Module, version: int) -> None:
-        """The student's weights, cast to the rollout's serving dtype, as policy `version`."""
-        self.rollout.update_weights(named_weights(model, self._push_dtype), version)
-        self.pushed_version = version
-        self.push_pending = False
+    def push(self, model: torch.nn.Module, version: int, wait: bool = True) -> None:
+        """The student's weights, cast to the rollout's serving dtype, as policy `version`; with
+        wait=False it travels while the next step samples (see `settle`)."""
+        self.settle()
+        weights = named_weights(model, self._push_dtype, on_cpu=self.cfg.weight_transport != "nccl")
+        if wait:
+            self._record(weight_sync.push(self.rollout, weights, version, self.cfg.weight_transport), version)
+            return
+        # float32 CPU parameters come back uncopied from named_weights; the optimizer would change them
+        shared = any(t.data_ptr() == p.data_ptr() for t, p in zip(weights.values(), model.parameters()))
+        self._inflight = (version, weight_sync.push_async(self.rollout, weights, version, self.cfg.weight_transport,
+                                                          copy=shared))
+
+    def settle(self) -> None:
+        """Wait for an async push in flight. One that could not reach the rollout leaves the push
+        pending (the loop pushes again); any other failure raises here."""
+        if self._inflight is not None:
+            version, fut = self._inflight
+            self._inflight = None
+            try:
+                self._record(fut.result(), version)
+            except UnavailableError as exc:
+                log.warning("weights of version %d not pushed (%s); pushing again before the next step", version, exc)
+                self.push_pending = True
+
+    @property
+    def newest_version(self) -> int:
+        """The version the rollout serves once the push in flight lands."""
+        return self._inflight[0] if self._inflight is not None else self.pushed_version
+
+    def _record(self, result: weight_sync.PushResult, version: int) -> None:
+        self.pushed_version, self.push_pending = version, False
+        self.last_push = {"sync/push_s": result.seconds, "sync/pause_s": result.pause_seconds,
+                          "sync/gb_per_s": result.gb_per_s}
 
     def restore(self, model: torch.nn.Module) -> None:
         """Give a restarted rollout the trainer's current weights again (a new version above its own)."""
+        self.settle()
         version = max(self.pushed_version, self.rollout.info().policy_version) + 1
         log.warning("rollout at %s lost the trainer's weights; pushing them again as version %d",
                     self.rollout.address, version)
@@ -182,7 +217,15 @@ class ServiceClients:
         return {"teacher": one(self.teacher, self.cfg.teacher_address),
                 "rollout": {**one(self.rollout, self.rollout.address), "policy_version": self.pushed_version}}
 
-    def close(self) -> None:
+    def close(self, release: bool = True) -> None:
+        """Finish: wait for a push in flight and, when the run ended (release), give the rollout up."""
+        try:
+            self.settle()
+            if release:
+                self.rollout.retry_for_s = min(self.rollout.retry_for_s, 5.0)
+                self.rollout.release_owner(timeout=10.0)
+        except Exception as exc:  # noqa: BLE001 - closing: the next start pushes again anyway
+            log.warning("closing the rollout's session: %s", exc)
         self.stop_event.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.teacher.close()

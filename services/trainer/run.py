@@ -82,7 +82,7 @@ def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None, 
     cfg = StepConfig.from_settings(s, unwrap(state.model).config.vocab_size)
     room = _prompt_room(s, state, None)
     records = fit_prompts(train_records(s.data, task), state.tokenizer, s.data, room)  # before waiting for services
-    clients = ServiceClients(s.services, rank, s.auth_token, stop_event=stop)
+    clients = ServiceClients(s.services, rank, s.auth_token, stop_event=stop, run_id=run.run_id)
     timer = PhaseTimer()
     board = StatusBoard(s, rank, world, state, clients, timer)
     registry = CollectorRegistry()
@@ -92,7 +92,8 @@ def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None, 
     metrics_file = run.path / (METRICS_FILE if rank == 0 else f"metrics.rank{rank}.jsonl")
     with ExitStack() as stack:
         stack.callback(service.stop)
-        stack.callback(clients.close)
+        finished = [False]  # a run that reached max_steps gives its rollout up (another run may use it)
+        stack.callback(lambda: clients.close(release=finished[0]))
         clients.connect(state.tokenizer, state.student_path)
         _check_estimator(cfg, clients)
         if _prompt_room(s, state, clients) < room:  # the rollout serves a shorter context than the student's
@@ -146,7 +147,9 @@ def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None, 
             log.warning("stopped at step %d of %d; checkpoint %s; continue with resume=auto", state.step, s.max_steps,
                         path)
             return TrainResult(state.step, metrics_file, None, board.last_metrics, evals.history, stopped=True)
+        clients.settle()  # the last async push has landed
         timer.current = "done"
+        finished[0] = True
         final = None
         if rank == 0:
             every = s.checkpoint.checkpoint_every
@@ -164,6 +167,7 @@ def _one_step(step: int, s: TrainerSettings, state: TrainState, clients: Service
     for attempt in range(MAX_STEP_REDOS + 1):
         timer.reset()
         try:
+            clients.settle()
             if clients.push_pending:
                 clients.restore(state.model)
             clients.verify()

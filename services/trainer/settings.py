@@ -44,6 +44,9 @@ class ServicesSettings(_Group):
     rpc_timeout: float = Field(600.0, gt=0, description="Deadline of one call (a heavy Score of a big teacher may take "
                                                         "minutes)")
     allow_tokenizer_mismatch: bool = Field(False, description="Train even if teacher and student tokenizers differ")
+    weight_transport: Literal["auto", "grpc", "shm", "nccl"] = Field(
+        "auto", description="How weights reach the rollout: shm (a memory-backed directory both see), grpc "
+                            "(streamed), auto (shm when the rollout's directory is shared here), nccl (GPUs)")
 
     def rollout_for(self, rank: int) -> str:
         """Rank r's rollout: the r-th of the comma-separated addresses (wrapping around)."""
@@ -91,6 +94,8 @@ class SamplingSettings(_Group):
     temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature of rollouts")
     max_staleness: int = Field(1, ge=0, description="Drop samples older than this many policy versions")
     overlap: bool = Field(False, description="Sample the next step while this one trains (samples lag one version)")
+    async_push: bool = Field(False, description="Send step t's weights while step t+1 samples (its samples may lag "
+                                                "one version: needs max_staleness >= 1)")
 
 
 class OptimSettings(_Group):
@@ -207,9 +212,10 @@ class TrainerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _combinations(self) -> "TrainerSettings":
-        if self.sampling.overlap and self.sampling.max_staleness < 1:
-            raise ValueError("overlap=true samples step t+1 with step t's weights (one version behind): "
-                             "it needs max_staleness >= 1")
+        for knob in ("overlap", "async_push"):
+            if getattr(self.sampling, knob) and self.sampling.max_staleness < 1:
+                raise ValueError(f"{knob}=true lets step t+1 sample before step t's weights serve (one version "
+                                 "behind): it needs max_staleness >= 1")
         return self
 
     @classmethod

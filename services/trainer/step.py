@@ -59,6 +59,7 @@ class StepConfig:
     loss: LossConfig
     grad_clip: float
     seed: int
+    async_push: bool = False
 
     @classmethod
     def from_settings(cls, s: TrainerSettings, vocab_size: int) -> "StepConfig":
@@ -73,7 +74,8 @@ class StepConfig:
             micro_batch=s.optim.micro_batch)
         return cls(obj.get_variant(s.objective), s.opd.opd_estimator, s.opd.estimator_top_k, vocab_size,
                    s.detection.alpha, s.sampling.max_staleness, s.opd.teacher_temperature,
-                   DetectionConfig.from_settings(s.detection), loss, s.optim.grad_clip, s.seed)
+                   DetectionConfig.from_settings(s.detection), loss, s.optim.grad_clip, s.seed,
+                   s.sampling.async_push)
 
     @property
     def sample_top_k(self) -> int:
@@ -123,7 +125,7 @@ def fresh_samples(samples: Samples, clients: ServiceClients, max_staleness: int)
 
     A sample from a version the trainer never pushed, or no fresh sample at all, means the rollout
     lost the trainer's weights (it restarted): RolloutOutOfSync, and the loop redoes the step."""
-    pushed = clients.pushed_version
+    pushed = clients.newest_version
     if any(v > pushed for v in samples.versions):
         raise RolloutOutOfSync(f"samples of policy version {max(samples.versions)}, above the trainer's {pushed}: "
                                "another writer pushed weights to this rollout")
@@ -177,9 +179,9 @@ def train_step(step: int, samples: Samples, state: TrainState, clients: ServiceC
         total, metrics = compute_loss(state.model, batch, found, cfg, state.device)
         _, grad_norm = state.update(total, cfg.grad_clip, world)
     with timer("sync"):
-        version = clients.pushed_version + 1
+        version = clients.newest_version + 1
         try:
-            clients.push(state.model, version)
+            clients.push(state.model, version, wait=not cfg.async_push)
         except UnavailableError as exc:
             log.warning("step %d: weights not pushed (%s); pushing again before the next step", step, exc)
             clients.push_pending = True
@@ -187,6 +189,7 @@ def train_step(step: int, samples: Samples, state: TrainState, clients: ServiceC
                                      found.detection if found is not None else None))
     metrics.update(extra)
     metrics.update(_bookkeeping(batch, stale, grad_norm, state, version, timer))
+    metrics.update(clients.last_push)
     return metrics
 
 

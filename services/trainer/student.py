@@ -54,15 +54,16 @@ def position_logits(model: torch.nn.Module, seqs: Sequence[Tensor], starts: Sequ
     return out.float()
 
 
-def named_weights(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Parameters (tied ones once) as the rollout service expects them: on CPU, in one copy each.
+def named_weights(model: torch.nn.Module, dtype: torch.dtype | None = None, on_cpu: bool = True) -> dict[str, Tensor]:
+    """Parameters (tied ones once) as the rollout service expects them: on CPU (on their device for
+    the nccl transport), in one copy each.
 
     `dtype` is the rollout's serving dtype: the rollout rounds to it on load anyway (the same
     round-to-nearest cast), so casting here gives the same weights in half the bytes for bfloat16
     (measured on an H100: the weight push was half of a step's time in float32).
     """
-    return {n: p.detach().to("cpu", dtype=dtype if dtype is not None and p.is_floating_point() else None)
-            for n, p in unwrap(model).named_parameters()}
+    return {n: p.detach().to("cpu" if on_cpu else p.device, dtype=dtype if dtype is not None and p.is_floating_point()
+                             else None) for n, p in unwrap(model).named_parameters()}
 
 
 def serving_dtype(name: str) -> torch.dtype | None:

@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "revision", "vocab_size", "max_seq_len", "dtype", "engine", "device", "tokenizer_fingerprint", "max_top_k", "policy_version", "eos_token_id", "max_candidate_ids", "instance_id")
+    __slots__ = ("model", "revision", "vocab_size", "max_seq_len", "dtype", "engine", "device", "tokenizer_fingerprint", "max_top_k", "policy_version", "eos_token_id", "max_candidate_ids", "weight_sync", "instance_id")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class ModelInfo(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SYNC_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
@@ -47,8 +48,25 @@ class ModelInfo(_message.Message):
     policy_version: int
     eos_token_id: int
     max_candidate_ids: int
+    weight_sync: WeightSyncInfo
     instance_id: str
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_top_k: _Optional[int] = ..., policy_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_candidate_ids: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_top_k: _Optional[int] = ..., policy_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_candidate_ids: _Optional[int] = ..., weight_sync: _Optional[_Union[WeightSyncInfo, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class WeightSyncInfo(_message.Message):
+    __slots__ = ("shm_dir", "shm_probe", "shm_token", "max_update_bytes", "idle_timeout_s", "nccl")
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    SHM_PROBE_FIELD_NUMBER: _ClassVar[int]
+    SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    NCCL_FIELD_NUMBER: _ClassVar[int]
+    shm_dir: str
+    shm_probe: str
+    shm_token: str
+    max_update_bytes: int
+    idle_timeout_s: float
+    nccl: bool
+    def __init__(self, shm_dir: _Optional[str] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[str] = ..., max_update_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., nccl: _Optional[bool] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "temperature", "top_p", "max_tokens", "seed", "stop", "stop_token_ids", "top_k", "ignore_eos")

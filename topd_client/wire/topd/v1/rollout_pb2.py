@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from topd_client.wire.topd.v1 import common_pb2 as topd_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15topd/v1/rollout.proto\x12\x07topd.v1\x1a\x14topd/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.topd.v1.ChatMessage\"s\n\x06Prompt\x12$\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x0f.topd.v1.TensorH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.topd.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"Z\n\rSampleRequest\x12 \n\x07prompts\x18\x01 \x03(\x0b\x32\x0f.topd.v1.Prompt\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.topd.v1.SamplingParams\"]\n\x0f\x43ontinueRequest\x12!\n\x08prefixes\x18\x01 \x03(\x0b\x32\x0f.topd.v1.Tensor\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.topd.v1.SamplingParams\"i\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x16\n\x0e\x63heckpoint_dir\x18\x04 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\"T\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\x03\x12\x15\n\rapply_seconds\x18\x03 \x01(\x01\x32\x85\x02\n\x07Rollout\x12\x33\n\x07GetInfo\x12\x14.topd.v1.InfoRequest\x1a\x12.topd.v1.ModelInfo\x12;\n\x06Sample\x12\x16.topd.v1.SampleRequest\x1a\x19.topd.v1.GenerateResponse\x12?\n\x08\x43ontinue\x12\x18.topd.v1.ContinueRequest\x1a\x19.topd.v1.GenerateResponse\x12G\n\rUpdateWeights\x12\x14.topd.v1.WeightChunk\x1a\x1e.topd.v1.UpdateWeightsResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15topd/v1/rollout.proto\x12\x07topd.v1\x1a\x14topd/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x0c\x43hatMessages\x12&\n\x08messages\x18\x01 \x03(\x0b\x32\x14.topd.v1.ChatMessage\"s\n\x06Prompt\x12$\n\ttoken_ids\x18\x01 \x01(\x0b\x32\x0f.topd.v1.TensorH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12)\n\x08messages\x18\x03 \x01(\x0b\x32\x15.topd.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"Z\n\rSampleRequest\x12 \n\x07prompts\x18\x01 \x03(\x0b\x32\x0f.topd.v1.Prompt\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.topd.v1.SamplingParams\"]\n\x0f\x43ontinueRequest\x12!\n\x08prefixes\x18\x01 \x03(\x0b\x32\x0f.topd.v1.Tensor\x12\'\n\x06params\x18\x02 \x01(\x0b\x32\x17.topd.v1.SamplingParams\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"W\n\x08Manifest\x12$\n\x07tensors\x18\x01 \x03(\x0b\x32\x13.topd.v1.TensorSpec\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\"\xa1\x01\n\x12\x42\x65ginUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12#\n\x08manifest\x18\x02 \x01(\x0b\x32\x11.topd.v1.Manifest\x12\x12\n\x08shm_path\x18\x03 \x01(\tH\x00\x12\x18\n\x0e\x63heckpoint_dir\x18\x04 \x01(\tH\x00\x12\x0e\n\x04nccl\x18\x05 \x01(\x08H\x00\x12\r\n\x05owner\x18\x06 \x01(\tB\x08\n\x06source\"s\n\x13\x42\x65ginUpdateResponse\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x16\n\x0ereceived_bytes\x18\x02 \x01(\x03\x12\x31\n\tcommitted\x18\x03 \x01(\x0b\x32\x1e.topd.v1.UpdateWeightsResponse\"?\n\x0cWeightBucket\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"-\n\x13SendBucketsResponse\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\":\n\x13\x43ommitUpdateRequest\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\t\"\'\n\x12\x41\x62ortUpdateRequest\x12\x11\n\tupdate_id\x18\x01 \x01(\t\"\x15\n\x13\x41\x62ortUpdateResponse\"$\n\x13ReleaseOwnerRequest\x12\r\n\x05owner\x18\x01 \x01(\t\"(\n\x14ReleaseOwnerResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"3\n\x19InitWeightTransferRequest\x12\x16\n\x0einit_info_json\x18\x01 \x01(\t\"\x1c\n\x1aInitWeightTransferResponse\"\xd7\x01\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x13\n\x0bnum_tensors\x18\x02 \x01(\x03\x12\x15\n\rpause_seconds\x18\x03 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x04 \x01(\x01\x12\x17\n\x0freceive_seconds\x18\x05 \x01(\x01\x12\x13\n\x0btotal_bytes\x18\x06 \x01(\x03\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x10\n\x08\x63hecksum\x18\x08 \x01(\t\x12\x19\n\x11\x61lready_committed\x18\t \x01(\x08\x32\x90\x05\n\x07Rollout\x12\x33\n\x07GetInfo\x12\x14.topd.v1.InfoRequest\x1a\x12.topd.v1.ModelInfo\x12;\n\x06Sample\x12\x16.topd.v1.SampleRequest\x1a\x19.topd.v1.GenerateResponse\x12?\n\x08\x43ontinue\x12\x18.topd.v1.ContinueRequest\x1a\x19.topd.v1.GenerateResponse\x12H\n\x0b\x42\x65ginUpdate\x12\x1b.topd.v1.BeginUpdateRequest\x1a\x1c.topd.v1.BeginUpdateResponse\x12\x44\n\x0bSendBuckets\x12\x15.topd.v1.WeightBucket\x1a\x1c.topd.v1.SendBucketsResponse(\x01\x12L\n\x0c\x43ommitUpdate\x12\x1c.topd.v1.CommitUpdateRequest\x1a\x1e.topd.v1.UpdateWeightsResponse\x12H\n\x0b\x41\x62ortUpdate\x12\x1b.topd.v1.AbortUpdateRequest\x1a\x1c.topd.v1.AbortUpdateResponse\x12K\n\x0cReleaseOwner\x12\x1c.topd.v1.ReleaseOwnerRequest\x1a\x1d.topd.v1.ReleaseOwnerResponse\x12]\n\x12InitWeightTransfer\x12\".topd.v1.InitWeightTransferRequest\x1a#.topd.v1.InitWeightTransferResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,10 +42,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLEREQUEST']._serialized_end=365
   _globals['_CONTINUEREQUEST']._serialized_start=367
   _globals['_CONTINUEREQUEST']._serialized_end=460
-  _globals['_WEIGHTCHUNK']._serialized_start=462
-  _globals['_WEIGHTCHUNK']._serialized_end=567
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=569
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=653
-  _globals['_ROLLOUT']._serialized_start=656
-  _globals['_ROLLOUT']._serialized_end=917
+  _globals['_TENSORSPEC']._serialized_start=462
+  _globals['_TENSORSPEC']._serialized_end=518
+  _globals['_MANIFEST']._serialized_start=520
+  _globals['_MANIFEST']._serialized_end=607
+  _globals['_BEGINUPDATEREQUEST']._serialized_start=610
+  _globals['_BEGINUPDATEREQUEST']._serialized_end=771
+  _globals['_BEGINUPDATERESPONSE']._serialized_start=773
+  _globals['_BEGINUPDATERESPONSE']._serialized_end=888
+  _globals['_WEIGHTBUCKET']._serialized_start=890
+  _globals['_WEIGHTBUCKET']._serialized_end=953
+  _globals['_SENDBUCKETSRESPONSE']._serialized_start=955
+  _globals['_SENDBUCKETSRESPONSE']._serialized_end=1000
+  _globals['_COMMITUPDATEREQUEST']._serialized_start=1002
+  _globals['_COMMITUPDATEREQUEST']._serialized_end=1060
+  _globals['_ABORTUPDATEREQUEST']._serialized_start=1062
+  _globals['_ABORTUPDATEREQUEST']._serialized_end=1101
+  _globals['_ABORTUPDATERESPONSE']._serialized_start=1103
+  _globals['_ABORTUPDATERESPONSE']._serialized_end=1124
+  _globals['_RELEASEOWNERREQUEST']._serialized_start=1126
+  _globals['_RELEASEOWNERREQUEST']._serialized_end=1162
+  _globals['_RELEASEOWNERRESPONSE']._serialized_start=1164
+  _globals['_RELEASEOWNERRESPONSE']._serialized_end=1204
+  _globals['_INITWEIGHTTRANSFERREQUEST']._serialized_start=1206
+  _globals['_INITWEIGHTTRANSFERREQUEST']._serialized_end=1257
+  _globals['_INITWEIGHTTRANSFERRESPONSE']._serialized_start=1259
+  _globals['_INITWEIGHTTRANSFERRESPONSE']._serialized_end=1287
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1290
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1505
+  _globals['_ROLLOUT']._serialized_start=1508
+  _globals['_ROLLOUT']._serialized_end=2164
 # @@protoc_insertion_point(module_scope)

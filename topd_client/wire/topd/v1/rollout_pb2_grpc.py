@@ -50,10 +50,35 @@ class RolloutStub:
                 request_serializer=topd_dot_v1_dot_rollout__pb2.ContinueRequest.SerializeToString,
                 response_deserializer=topd_dot_v1_dot_common__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.UpdateWeights = channel.stream_unary(
-                '/topd.v1.Rollout/UpdateWeights',
-                request_serializer=topd_dot_v1_dot_rollout__pb2.WeightChunk.SerializeToString,
+        self.BeginUpdate = channel.unary_unary(
+                '/topd.v1.Rollout/BeginUpdate',
+                request_serializer=topd_dot_v1_dot_rollout__pb2.BeginUpdateRequest.SerializeToString,
+                response_deserializer=topd_dot_v1_dot_rollout__pb2.BeginUpdateResponse.FromString,
+                _registered_method=True)
+        self.SendBuckets = channel.stream_unary(
+                '/topd.v1.Rollout/SendBuckets',
+                request_serializer=topd_dot_v1_dot_rollout__pb2.WeightBucket.SerializeToString,
+                response_deserializer=topd_dot_v1_dot_rollout__pb2.SendBucketsResponse.FromString,
+                _registered_method=True)
+        self.CommitUpdate = channel.unary_unary(
+                '/topd.v1.Rollout/CommitUpdate',
+                request_serializer=topd_dot_v1_dot_rollout__pb2.CommitUpdateRequest.SerializeToString,
                 response_deserializer=topd_dot_v1_dot_rollout__pb2.UpdateWeightsResponse.FromString,
+                _registered_method=True)
+        self.AbortUpdate = channel.unary_unary(
+                '/topd.v1.Rollout/AbortUpdate',
+                request_serializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateRequest.SerializeToString,
+                response_deserializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateResponse.FromString,
+                _registered_method=True)
+        self.ReleaseOwner = channel.unary_unary(
+                '/topd.v1.Rollout/ReleaseOwner',
+                request_serializer=topd_dot_v1_dot_rollout__pb2.ReleaseOwnerRequest.SerializeToString,
+                response_deserializer=topd_dot_v1_dot_rollout__pb2.ReleaseOwnerResponse.FromString,
+                _registered_method=True)
+        self.InitWeightTransfer = channel.unary_unary(
+                '/topd.v1.Rollout/InitWeightTransfer',
+                request_serializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferRequest.SerializeToString,
+                response_deserializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferResponse.FromString,
                 _registered_method=True)
 
 
@@ -80,8 +105,46 @@ class RolloutServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def UpdateWeights(self, request_iterator, context):
-        """New weights, as streamed safetensors chunks or a checkpoint directory; applied atomically.
+    def BeginUpdate(self, request, context):
+        """Weight updates: BeginUpdate -> SendBuckets (grpc transport only) -> CommitUpdate | AbortUpdate.
+        One update is in flight at a time; calls out of this order are refused with FAILED_PRECONDITION.
+        Everything (names, shapes, dtypes, bytes, checksum, finiteness, a tied lm_head) is verified
+        before the first byte is applied, so a refused update leaves the old weights and version serving.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendBuckets(self, request_iterator, context):
+        """The update's bytes, in manifest order, as a stream of buckets (resumable at `received_bytes`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitUpdate(self, request, context):
+        """Verify, then apply in place (serving pauses only for the apply) and serve the new version.
+        Idempotent: committing an update that is already committed answers with its result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortUpdate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseOwner(self, request, context):
+        """The owner of the last update gives the rollout up (a trainer whose run ended): anyone may write next.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InitWeightTransfer(self, request, context):
+        """nccl transport (vLLM on GPUs): join the trainer's NCCL group once, before nccl updates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,10 +168,35 @@ def add_RolloutServicer_to_server(servicer, server):
                     request_deserializer=topd_dot_v1_dot_rollout__pb2.ContinueRequest.FromString,
                     response_serializer=topd_dot_v1_dot_common__pb2.GenerateResponse.SerializeToString,
             ),
-            'UpdateWeights': grpc.stream_unary_rpc_method_handler(
-                    servicer.UpdateWeights,
-                    request_deserializer=topd_dot_v1_dot_rollout__pb2.WeightChunk.FromString,
+            'BeginUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginUpdate,
+                    request_deserializer=topd_dot_v1_dot_rollout__pb2.BeginUpdateRequest.FromString,
+                    response_serializer=topd_dot_v1_dot_rollout__pb2.BeginUpdateResponse.SerializeToString,
+            ),
+            'SendBuckets': grpc.stream_unary_rpc_method_handler(
+                    servicer.SendBuckets,
+                    request_deserializer=topd_dot_v1_dot_rollout__pb2.WeightBucket.FromString,
+                    response_serializer=topd_dot_v1_dot_rollout__pb2.SendBucketsResponse.SerializeToString,
+            ),
+            'CommitUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitUpdate,
+                    request_deserializer=topd_dot_v1_dot_rollout__pb2.CommitUpdateRequest.FromString,
                     response_serializer=topd_dot_v1_dot_rollout__pb2.UpdateWeightsResponse.SerializeToString,
+            ),
+            'AbortUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortUpdate,
+                    request_deserializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateRequest.FromString,
+                    response_serializer=topd_dot_v1_dot_rollout__pb2.AbortUpdateResponse.SerializeToString,
+            ),
+            'ReleaseOwner': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseOwner,
+                    request_deserializer=topd_dot_v1_dot_rollout__pb2.ReleaseOwnerRequest.FromString,
+                    response_serializer=topd_dot_v1_dot_rollout__pb2.ReleaseOwnerResponse.SerializeToString,
+            ),
+            'InitWeightTransfer': grpc.unary_unary_rpc_method_handler(
+                    servicer.InitWeightTransfer,
+                    request_deserializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferRequest.FromString,
+                    response_serializer=topd_dot_v1_dot_rollout__pb2.InitWeightTransferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -203,7 +291,34 @@ class Rollout:
             _registered_method=True)
 
     @staticmethod
-    def UpdateWeights(request_iterator,
+    def BeginUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/topd.v1.Rollout/BeginUpdate',
+            topd_dot_v1_dot_rollout__pb2.BeginUpdateRequest.SerializeToString,
+            topd_dot_v1_dot_rollout__pb2.BeginUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendBuckets(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -216,9 +331,117 @@ class Rollout:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/topd.v1.Rollout/UpdateWeights',
-            topd_dot_v1_dot_rollout__pb2.WeightChunk.SerializeToString,
+            '/topd.v1.Rollout/SendBuckets',
+            topd_dot_v1_dot_rollout__pb2.WeightBucket.SerializeToString,
+            topd_dot_v1_dot_rollout__pb2.SendBucketsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/topd.v1.Rollout/CommitUpdate',
+            topd_dot_v1_dot_rollout__pb2.CommitUpdateRequest.SerializeToString,
             topd_dot_v1_dot_rollout__pb2.UpdateWeightsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/topd.v1.Rollout/AbortUpdate',
+            topd_dot_v1_dot_rollout__pb2.AbortUpdateRequest.SerializeToString,
+            topd_dot_v1_dot_rollout__pb2.AbortUpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseOwner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/topd.v1.Rollout/ReleaseOwner',
+            topd_dot_v1_dot_rollout__pb2.ReleaseOwnerRequest.SerializeToString,
+            topd_dot_v1_dot_rollout__pb2.ReleaseOwnerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InitWeightTransfer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/topd.v1.Rollout/InitWeightTransfer',
+            topd_dot_v1_dot_rollout__pb2.InitWeightTransferRequest.SerializeToString,
+            topd_dot_v1_dot_rollout__pb2.InitWeightTransferResponse.FromString,
             options,
             channel_credentials,
             insecure,
