@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from topd_client._channel import BaseClient
+from topd_client.limits import score_response_bytes
 from topd_client.results import Completion, ModelInfo, completions_from_wire, info_from_wire, sampling_to_wire
 from topd_client.tensors import from_wire, to_wire
 from topd_client.wire.topd.v1 import common_pb2, teacher_pb2, teacher_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class TeacherClient(BaseClient):
         """Teacher logprobs of each response token and the top-k at each response position.
 
         `stream` (default: on for more than 8 sequences) receives one message per sequence, which
-        moved ~2x the bytes/s of one large unary message on loopback here.
+        moved ~2x the bytes/s of one large unary message on loopback here. A unary call whose
+        response would not fit one message (`max_message_mb`) streams instead.
         """
         if len(sequences) != len(response_starts):
             raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} response_starts")
@@ -52,6 +57,11 @@ class TeacherClient(BaseClient):
             top_k=top_k, temperature=temperature)
         if stream is None:
             stream = len(sequences) > 8
+        if not stream and score_response_bytes([len(s) - int(r) for s, r in zip(sequences, response_starts)],
+                                               top_k) > self.max_message_bytes:
+            log.info("score: the response would exceed one %d MiB message; streaming it instead",
+                     self.max_message_bytes >> 20)
+            stream = True
         if stream:
             out: list[ScoreResult | None] = [None] * len(sequences)
             for res in self._with_retry_stream(request, timeout):
