@@ -36,10 +36,12 @@ class HFEngine:
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 4096
         eos = self.tokenizer.eos_token_id
+        seq_len = int(min(max_seq_len or limit, limit))
         self.meta = EngineMeta(
             model=model, revision=model_revision(model), vocab_size=int(cfg.vocab_size),
-            max_seq_len=int(min(max_seq_len or limit, limit)), dtype=dtype, engine="hf", device=self.device,
+            max_seq_len=seq_len, dtype=dtype, engine="hf", device=self.device,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer), eos_token_id=-1 if eos is None else int(eos),
+            max_score_len=seq_len,
         )
         self._lock = threading.Lock()
 

@@ -104,6 +104,7 @@ class VLLMEngine:
             model=model, revision=_revision(model, self.model_dir), vocab_size=int(model_config.get_vocab_size()),
             max_seq_len=int(model_config.max_model_len), dtype=dtype, engine="vllm", device=self.device,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer), eos_token_id=-1 if eos is None else int(eos),
+            max_score_len=int(model_config.max_model_len) - 1,  # prompt logprobs run with max_tokens=1
             extra={"max_top_k": self.max_top_k, "prefix_caching": enable_prefix_caching},
         )
         self._weight_shapes = checkpoint_shapes(self.model_dir)
