@@ -66,7 +66,7 @@ class Trainer:
         self.data = PromptStream(records, settings.seed, rank, world)
         self.checker = self._checker()
         addresses = [a.strip() for a in settings.rollout_address.split(",") if a.strip()]
-        common = dict(token=settings.auth_token, timeout=settings.service_timeout)
+        common = dict(token=settings.auth_token, token_file=settings.auth_token_file, timeout=settings.service_timeout)
         self.teacher = TeacherClient(settings.teacher_address, client_id=settings.client_id, **common)
         self.rollout = RolloutClient(addresses[rank % len(addresses)], client_id=f"{settings.client_id}-r{rank}",
                                      **common)

@@ -17,6 +17,7 @@ from services.common.status_app import ServiceState
 from services.trainer.loop import Trainer, write_jsonl
 from services.trainer.settings import TrainerSettings
 from services.trainer.student import unwrap
+from topd_client.auth import resolve_token
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def train(settings: TrainerSettings, on_step: Callable[[int, dict], None] | None
     g_kl = Gauge("topd_trainer_reverse_kl", "Mean reverse KL of the last step", registry=registry)
     state = ServiceState("trainer", registry, trainer.status)
     http_port = settings.http_port if rank == 0 else 0
-    service: ServiceRun = start_service(state, host=settings.host, grpc_port=None, http_port=http_port)
+    service: ServiceRun = start_service(state, host=settings.host, grpc_port=None, http_port=http_port,
+                                        http_token=resolve_token(settings.auth_token, settings.auth_token_file))
     state.set_ready(False, "connecting to teacher and rollout")
     evals: list[tuple[int, float]] = []
     bar = None

@@ -27,6 +27,8 @@ class TrainerSettings(BaseSettings):
     rollout_address: str = Field("127.0.0.1:50052", description="Rollout gRPC address(es); comma-separated = one per rank")
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
                                    description="Shared auth token of the services")
+    auth_token_file: str | None = Field(None, validation_alias=AliasChoices("auth_token_file", "TOPD_AUTH_TOKEN_FILE"),
+                                        description="File holding the shared auth token (keeps it out of `ps`)")
     client_id: str = Field("trainer", description="Name this trainer gives the shared teacher (fairness, /status)")
     train_file: str | None = Field(None, description="JSONL of {prompt, answer}; default: the built-in task's train split")
     dataset: str | None = Field(None, description="Hugging Face dataset id instead of train_file (needs `datasets`)")
@@ -123,7 +125,7 @@ def load_settings(config: str | Path | None = None, overrides: list[str] | None 
         key, value = item.split("=", 1)
         data[key.strip().replace("-", "_")] = yaml.safe_load(value)
     data.update(kwargs)
-    unknown = sorted(set(data) - set(TrainerSettings.model_fields) - {"TOPD_AUTH_TOKEN"})
+    unknown = sorted(set(data) - set(TrainerSettings.model_fields) - {"TOPD_AUTH_TOKEN", "TOPD_AUTH_TOKEN_FILE"})
     if unknown:
         raise ConfigurationError(f"unknown trainer settings {unknown}; see `topd train --help`")
     try:
