@@ -118,42 +118,55 @@ def test_health_and_getinfo_answer_while_48_heavy_scores_run(tiny_model):
     assert not errors and done == [24] * 48
 
 
-def test_health_answers_and_work_is_bounded_while_streams_stall(tiny_model):
-    """Streams that never send hold a worker each: health, GetInfo stay answerable; past
-    --max-pending-rpcs new work is refused at once (RESOURCE_EXHAUSTED) instead of queueing for ever."""
-    with teacher(tiny_model, reflection="on", grpc_workers=4, max_pending_rpcs=8) as run:
-        addr = _addr(run)
+def test_stalled_streams_cannot_take_the_threads_of_health_or_work(tiny_model):
+    """Streams that never send held a thread each of the one pool (40 of them: health, GetInfo and
+    Continue all DEADLINE_EXCEEDED). Now they have a small pool of their own and are refused once it
+    is full; health, GetInfo and Score keep answering."""
+    with teacher(tiny_model, reflection="on", max_request_streams=4) as run:
+        addr, release = _addr(run), threading.Event()
         channel = grpc.insecure_channel(addr)
-        stalled, release = [], threading.Event()
 
         def silent():
             release.wait()
             return
             yield  # noqa: unreachable - a request iterator that sends nothing until released
 
-        for _ in range(8):
-            call = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(silent())
-            stalled.append(call)
-        deadline = time.monotonic() + 10
-        while _metric(run, "topd_rpcs_in_flight") < 8 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        stalled = [stub.ServerReflectionInfo(silent()) for _ in range(40)]
         try:
+            deadline = time.monotonic() + 30
+            while sum(call.done() for call in stalled) < 36 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            refused = [(call.code(), "request streams open" in call.details()) for call in stalled if call.done()]
+            assert refused == [(grpc.StatusCode.RESOURCE_EXHAUSTED, True)] * 36
             assert _health(addr) == health_pb2.HealthCheckResponse.SERVING
             with TeacherClient(addr, retries=0) as c:
-                c.call(c._stub.GetInfo, common_pb2.InfoRequest(), timeout=1.0, retry=False)
-                with pytest.raises(grpc.RpcError) as err:
-                    c._stub.Score(teacher_pb2.ScoreRequest(sequences=[_seq_pb([1, 2, 3])]), timeout=5)
-                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "server busy" in err.value.details()
+                assert c.call(c._stub.GetInfo, common_pb2.InfoRequest(), timeout=1.0, retry=False).vocab_size == 384
+                assert c.score([[1, 2, 3]], [1], timeout=10)[0].token_logprobs.shape == (2,)
         finally:
             release.set()
             [call.cancel() for call in stalled]
-        deadline = time.monotonic() + 10
-        while _metric(run, "topd_rpcs_in_flight") > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with TeacherClient(addr, retries=0) as c:
-            assert c.score([[1, 2, 3]], [1])[0].token_logprobs.shape == (2,)
-        channel.close()
+            channel.close()
+
+
+def test_work_beyond_max_pending_rpcs_is_refused_at_once(tiny_model):
+    """Calls past the bound are refused (RESOURCE_EXHAUSTED, retryable) instead of queueing without end."""
+    rng = np.random.default_rng(5)
+    big = teacher_pb2.ScoreRequest(sequences=[_seq_pb(rng.integers(0, 384, 256)) for _ in range(48)])
+    with teacher(tiny_model, grpc_workers=2, max_pending_rpcs=3) as run, grpc.insecure_channel(_addr(run)) as ch:
+        stub = teacher_pb2_grpc.TeacherStub(ch)
+        calls = [stub.Score.future(big, timeout=120) for _ in range(6)]
+        codes = []
+        for call in calls:
+            try:
+                call.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                codes.append(err.code())
+                assert "server busy" in err.details()
+        assert sorted(codes, key=str) == sorted([grpc.StatusCode.OK] * 3 + [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3,
+                                                key=str)
+        assert _health(_addr(run)) == health_pb2.HealthCheckResponse.SERVING
 
 
 # --------------------------------------------------------------------- 2. client ids

@@ -20,7 +20,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-from topd_client.errors import InvalidInputError, OverloadedError, TooLargeError, UnavailableError
+from services.common.validation import request_items
+from topd_client.errors import InvalidInputError, OverloadedError, UnavailableError
 
 RunBatch = Callable[[Hashable, list[Any]], list[Any]]
 
@@ -107,10 +108,7 @@ class DynamicBatcher:
         """Queue one request's items; their futures resolve in payload order."""
         if not payloads:
             raise InvalidInputError("empty batch: the request has no sequences")
-        if len(payloads) > self.max_queue_items:  # no amount of waiting makes it fit: not retryable
-            raise TooLargeError(
-                f"request of {len(payloads)} items is larger than the server's queue ({self.max_queue_items} items, "
-                f"--max-queue-items): it can never fit; split it into requests of at most {self.max_queue_items}")
+        request_items(len(payloads), self.max_queue_items)  # no amount of waiting makes it fit: not retryable
         ticket = Ticket(client_id, [Future() for _ in payloads], deadline)
         with self._cv:
             if self._stopped:

@@ -50,6 +50,7 @@ class ServerOptions:
     reflection: bool = True
     workers: int = 64           # threads of the work pool
     max_pending: int = 1024     # calls running or waiting for a work thread before RESOURCE_EXHAUSTED
+    request_streams: int = 8    # request-streaming calls (weight updates, reflection) open at once
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -133,7 +134,8 @@ def create_server(add_servicers: Iterable[Callable[[grpc.Server], None]], servic
     """
     names = list(service_names)
     pool = WorkPool(options.workers)
-    gate = CallGate(pool, max_pending=options.max_pending, registry=registry, auth_token=options.auth_token,
+    gate = CallGate(pool, WorkPool(options.request_streams, "topd-grpc-stream"), max_pending=options.max_pending,
+                    registry=registry, auth_token=options.auth_token,
                     control_methods=[f"/{health.SERVICE_NAME}/Check", f"/{health.SERVICE_NAME}/Watch",
                                      *(f"/{name}/GetInfo" for name in names)])
     server = grpc.server(pool, interceptors=[gate], options=channel_options(options.max_message_bytes))

@@ -55,6 +55,8 @@ class ModelServerSettings(BaseSettings):
     grpc_workers: int = Field(64, ge=1, description="Threads serving RPCs (health and GetInfo have their own)")
     max_pending_rpcs: int = Field(1024, ge=1, description="RPCs running or waiting for a thread before "
                                                           "RESOURCE_EXHAUSTED")
+    max_request_streams: int = Field(8, ge=1, description="Client-streaming RPCs (weight updates, reflection) open "
+                                                          "at once; each holds a thread while its client is silent")
     max_clients: int = Field(64, ge=1, description="Client ids with their own series in /metrics and /status; "
                                                    "beyond, 'other' (idle ones give their place up after 10 min)")
     shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: how long calls in flight may finish "
@@ -75,7 +77,8 @@ class ModelServerSettings(BaseSettings):
     def server_options(self, token: str | None) -> ServerOptions:
         reflection = self.reflection == "on" or (self.reflection == "auto" and token is None)
         return ServerOptions(max_message_bytes=self.max_message_mb << 20, auth_token=token, reflection=reflection,
-                             workers=self.grpc_workers, max_pending=self.max_pending_rpcs)
+                             workers=self.grpc_workers, max_pending=self.max_pending_rpcs,
+                             request_streams=self.max_request_streams)
 
 
 class ModelServerCore:
@@ -134,6 +137,7 @@ class ModelServerCore:
         start = time.monotonic()
         if not prompts:
             raise InvalidInputError(f"empty batch: {method} got no prompts")
+        validation.request_items(len(prompts), self.settings.max_queue_items)
         meta = self.require_engine().meta
         spec = validation.sampling_spec(params, meta, self.settings.max_top_k, max(len(p) for p in prompts))
         validation.response_fits(generate_response_bytes(len(prompts), spec.n, spec.max_tokens, spec.top_k),

@@ -74,18 +74,18 @@ class ServiceRun:
         self.http.stop()
 
     def _drain(self, grace: float) -> None:
-        pool = self.grpc.gate.pool
-        held = pool.pending
+        gate = self.grpc.gate
+        held = gate.pending()
         if not held:
             return
         log.info("%s: draining %d call(s) in flight (grace %.0f s; new work is refused)", self.state.service,
                  held, grace)
         start = time.monotonic()
-        if pool.wait_idle(grace, self._hurry):
+        if gate.wait_idle(grace, self._hurry):
             log.info("%s: drained in %.1f s", self.state.service, time.monotonic() - start)
         else:
             log.warning("%s: %d call(s) still running after %.1f s; cancelling them", self.state.service,
-                        pool.pending, time.monotonic() - start)
+                        gate.pending(), time.monotonic() - start)
 
     def fail(self, reason: str) -> None:
         """Give up after a fatal error (the engine died): not ready and NOT_SERVING at once, and

@@ -73,6 +73,14 @@ def stop_strings(stop: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(stop)
 
 
+def request_items(count: int, limit: int) -> None:
+    """A request with more items than the whole queue can never be served: refuse it for good, and
+    first, before validating its items (RESOURCE_EXHAUSTED stays for a full queue that will drain)."""
+    if count > limit:
+        raise TooLargeError(f"request of {count} items is larger than the server's queue ({limit} items, "
+                            f"--max-queue-items): it can never fit; split it into requests of at most {limit}")
+
+
 def response_fits(estimated_bytes: int, limit: int, advice: str) -> None:
     """Refuse before computing a response that one gRPC message cannot carry."""
     if estimated_bytes > limit:

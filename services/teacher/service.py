@@ -51,6 +51,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         meta = self.core.require_engine().meta
         if not request.sequences:
             raise InvalidInputError("empty batch: ScoreRequest.sequences is empty")
+        validation.request_items(len(request.sequences), self.core.settings.max_queue_items)
         k = validation.top_k(request.top_k, self.core.settings.max_top_k)
         temperature = validation.temperature(request.temperature if request.HasField("temperature") else 1.0,
                                              greedy_ok=False)
@@ -100,6 +101,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     @grpc_errors
     def Generate(self, request, context):
         meta = self.core.require_engine().meta
+        validation.request_items(len(request.prompts), self.core.settings.max_queue_items)
         prompts = [validation.token_ids(p, f"prompts[{i}]", meta) for i, p in enumerate(request.prompts)]
         return self.core.generate("Generate", prompts, request.params, context)
 
