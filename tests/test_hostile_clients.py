@@ -260,9 +260,23 @@ def test_engine_limits_are_validated_alike_and_advertised(engine, tiny_model, tm
             with pytest.raises(InvalidInputError, match="temperature 2.5 must be 0 .greedy. or in"):
                 rc.sample(["the quick"], max_tokens=4, temperature=2.5)
             assert len(rc.sample(["the quick"], max_tokens=4, stop=["fox"], temperature=2.0)[0]) == 1
+            _check_stop_string_cut(rc, tiny_model)
             assert len(tc.generate([[1, 2, 3]], max_tokens=61)[0][0].tokens) <= 61
             with pytest.raises(InvalidInputError, match="prompt length 3 \\+ max_tokens 62"):
                 tc.generate([[1, 2, 3]], max_tokens=62)
+
+
+def _check_stop_string_cut(client: RolloutClient, model_dir) -> None:
+    """A stop string ends a completion at the token that completes it (vLLM's rule; hf ignored stop)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    (base,), = client.sample(["the quick brown"], max_tokens=12, temperature=0.0)
+    text = tok.decode(base.tokens, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    want = next(n for n in range(1, len(base.tokens) + 1) if stop in tok.decode(base.tokens[:n], skip_special_tokens=True))
+    (cut,), = client.sample(["the quick brown"], max_tokens=12, temperature=0.0, stop=[stop])
+    assert list(cut.tokens) == list(base.tokens[:want]) and cut.finish_reason == "stop", (text, stop)
 
 
 # --------------------------------------------------------------------- 6. int64 overflow in a shape
