@@ -83,9 +83,9 @@ class ServiceRun:
         start = time.monotonic()
         if gate.wait_idle(grace, self._hurry):
             log.info("%s: drained in %.1f s", self.state.service, time.monotonic() - start)
-        else:
-            log.warning("%s: %d call(s) still running after %.1f s; cancelling them", self.state.service,
-                        gate.pending(), time.monotonic() - start)
+        else:  # INFO: cutting calls at the end of the grace is what the grace means (they get CANCELLED)
+            log.info("%s: %d call(s) still running after %.1f s; cancelling them", self.state.service,
+                     gate.pending(), time.monotonic() - start)
 
     def fail(self, reason: str) -> None:
         """Give up after a fatal error (the engine died): not ready and NOT_SERVING at once, and
