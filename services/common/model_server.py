@@ -41,7 +41,8 @@ class ModelServerSettings(BaseSettings):
     max_seq_len: int | None = Field(None, description="Cap on prompt + response length (default: the model's)")
     max_batch_tokens: int = Field(32768, description="Token budget of one merged batch")
     max_wait_ms: float = Field(5.0, description="How long the batcher waits for a batch to fill")
-    max_queue_items: int = Field(8192, description="Items waiting before RESOURCE_EXHAUSTED")
+    max_queue_items: int = Field(8192, description="Items waiting before RESOURCE_EXHAUSTED (a request with more "
+                                                   "is INVALID_ARGUMENT: it can never fit)")
     max_message_mb: int = Field(256, description="gRPC send/receive message limit (MiB)")
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
                                    description="Shared token; when set every RPC needs 'authorization: Bearer <token>' "
@@ -66,7 +67,6 @@ class ModelServerSettings(BaseSettings):
                                                       "from gpu_memory_utilization)")
     gpu_memory_utilization: float = Field(0.4, description="Fraction of GPU memory vLLM may take (teacher and "
                                                             "rollout on one GPU must add up to < 1 with room for the trainer)")
-
 
     @model_validator(mode="after")
     def _one_token_source(self) -> "ModelServerSettings":
