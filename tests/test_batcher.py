@@ -6,7 +6,7 @@ import time
 import pytest
 
 from services.common.batcher import DynamicBatcher
-from topd_client.errors import InvalidInputError, OverloadedError
+from topd_client.errors import InvalidInputError, OverloadedError, TooLargeError
 
 
 class Recorder:
@@ -96,6 +96,15 @@ def test_bounded_queue_raises_overloaded():
         b.submit("b", "k", list(range(2)), [1] * 2)
     b.submit("b", "k", [0], [1])  # exactly full is accepted
     rec.gate.set()
+    b.close()
+
+
+def test_request_larger_than_the_queue_is_too_large_not_overloaded():
+    """Overloaded is retried by clients; a request that can never fit must not be."""
+    b = DynamicBatcher(Recorder(), max_queue_items=5)
+    with pytest.raises(TooLargeError, match="larger than the server's queue"):
+        b.submit("a", "k", list(range(6)), [1] * 6)
+    assert not isinstance(TooLargeError("x"), OverloadedError)
     b.close()
 
 

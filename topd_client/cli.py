@@ -20,8 +20,11 @@ def _status(args: argparse.Namespace) -> int:
         url = "http://" + url
     if not url.endswith("/status"):
         url += "/status"
+    from topd_client.auth import resolve_token
+
+    token = resolve_token()  # TOPD_AUTH_TOKEN(_FILE): /status needs it when the service has auth on
     try:
-        resp = httpx.get(url, timeout=args.timeout)
+        resp = httpx.get(url, timeout=args.timeout, headers={"authorization": f"Bearer {token}"} if token else None)
     except httpx.HTTPError as exc:
         print(f"cannot reach {url}: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+ERROR_CLASS_KEY = "topd-error"  # trailing metadata: the server's error class, when the status code alone is coarser
+
 
 class TopdError(Exception):
     """Base of every topd error."""
@@ -13,6 +15,11 @@ class InvalidInputError(TopdError, ValueError):
 
 class MalformedTensorError(InvalidInputError):
     """Tensor bytes do not match their dtype and shape."""
+
+
+class TooLargeError(InvalidInputError):
+    """A request (or its response) is over a server limit that waiting cannot lift: more items than
+    the queue holds, or more bytes than one message may carry. Split or stream it; never retried."""
 
 
 class PreconditionError(TopdError, RuntimeError):

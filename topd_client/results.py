@@ -26,6 +26,11 @@ class ModelInfo:
     eos_token_id: int
     max_candidate_ids: int = 0  # teacher: most candidate ids per Score row; rollout: 0
     instance_id: str = ""  # random per service start: a change means it restarted
+    max_score_len: int = 0        # longest sequence Score accepts (0: a server that does not say)
+    max_message_bytes: int = 0    # the server's gRPC message limit
+    max_request_items: int = 0    # most sequences / prompts in one request
+    min_temperature: float = 0.0  # temperatures lie in [min, max]; 0 = greedy sampling
+    max_temperature: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,8 @@ class Completion:
 def info_from_wire(m: common_pb2.ModelInfo) -> ModelInfo:
     return ModelInfo(m.model, m.revision, m.vocab_size, m.max_seq_len, m.dtype, m.engine, m.device,
                      m.tokenizer_fingerprint, m.max_top_k, m.policy_version, m.eos_token_id, m.max_candidate_ids,
-                     m.instance_id)
+                     m.instance_id, m.max_score_len, m.max_message_bytes, m.max_request_items, m.min_temperature,
+                     m.max_temperature)
 
 
 def sampling_to_wire(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None, top_k: int,

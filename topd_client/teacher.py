@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from topd_client._channel import BaseClient
+from topd_client.limits import score_response_bytes
 from topd_client.results import Completion, ModelInfo, completions_from_wire, info_from_wire, sampling_to_wire
 from topd_client.tensors import from_wire, to_wire
 from topd_client.wire.topd.v1 import common_pb2, teacher_pb2, teacher_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 # Score requests of more sequences than this stream their results (one message per sequence):
@@ -55,7 +59,8 @@ class TeacherClient(BaseClient):
         None for a sequence that needs none), asks for the teacher's log-softmax(logits /
         temperature) at those ids in each row: `ScoreResult.candidate_logprobs`, same order. c is at
         most `info().max_candidate_ids`. `stream` (default: on for more than STREAM_ABOVE sequences) receives one
-        message per sequence, which moved ~2x the bytes/s of one large unary message on loopback here.
+        message per sequence, which moved ~2x the bytes/s of one large unary message on loopback here. A
+        unary call whose response would not fit one message (`max_message_mb`) streams instead.
         """
         if len(sequences) != len(response_starts):
             raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} response_starts")
@@ -67,6 +72,12 @@ class TeacherClient(BaseClient):
             top_k=top_k, temperature=temperature)
         if stream is None:
             stream = len(sequences) > STREAM_ABOVE
+        widths = [0 if c is None else int(np.shape(c)[-1]) for c in cands]
+        if not stream and score_response_bytes([len(s) - int(r) for s, r in zip(sequences, response_starts)],
+                                               top_k, widths) > self.max_message_bytes:
+            log.info("score: the response would exceed one %d MiB message; streaming it instead",
+                     self.max_message_bytes >> 20)
+            stream = True
         if stream:
             out: list[ScoreResult | None] = [None] * len(sequences)
             for res in self._with_retry_stream(request, timeout):

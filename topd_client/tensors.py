@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from topd_client.errors import MalformedTensorError
@@ -33,7 +35,7 @@ def from_wire(tensor: common_pb2.Tensor, what: str = "tensor") -> np.ndarray:
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise MalformedTensorError(f"{what}: negative dimension in shape {shape}")
-    want = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    want = math.prod(shape) * dt.itemsize  # Python ints: np.prod wraps [2**32, 2**32] around to 0
     if len(tensor.data) != want:
         raise MalformedTensorError(
             f"{what}: {len(tensor.data)} bytes do not fit dtype {tensor.dtype} and shape {list(shape)} ({want} bytes)")

@@ -4,7 +4,8 @@ Requests are split into items (one sequence or prompt each) that wait in per-cli
 single worker thread forms each batch by visiting clients round robin, one item at a time, until a
 token budget is full, so one client with a huge request cannot starve the others; it waits at most
 `max_wait_s` for a batch to fill, and not at all once every recently active client has work queued. Only items with the same key (kind and parameters) are merged.
-The queue is bounded: `submit` raises `OverloadedError` instead of growing without bound.
+The queue is bounded: `submit` raises `OverloadedError` (retryable: the queue drains) instead of
+growing without bound, and `TooLargeError` for a request larger than the whole queue (it never fits).
 
 The batcher knows nothing about models: `run_batch(key, payloads) -> results` does the work.
 """
@@ -19,7 +20,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Sequence
 
-from topd_client.errors import InvalidInputError, OverloadedError
+from services.common.validation import request_items
+from topd_client.errors import InvalidInputError, OverloadedError, UnavailableError
 
 RunBatch = Callable[[Hashable, list[Any]], list[Any]]
 
@@ -111,10 +113,11 @@ class DynamicBatcher:
         """Queue one request's items; their futures resolve in payload order."""
         if not payloads:
             raise InvalidInputError("empty batch: the request has no sequences")
+        request_items(len(payloads), self.max_queue_items)  # no amount of waiting makes it fit: not retryable
         ticket = Ticket(client_id, [Future() for _ in payloads], deadline)
         with self._cv:
             if self._stopped:
-                raise OverloadedError("server is shutting down")
+                raise UnavailableError("server is shutting down; retry (another replica, or this one once restarted)")
             if self._size + len(payloads) > self.max_queue_items:
                 raise OverloadedError(
                     f"queue full ({self._size} items waiting, limit {self.max_queue_items}); retry with backoff")

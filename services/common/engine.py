@@ -80,6 +80,7 @@ class EngineMeta:
     device: str
     tokenizer_fingerprint: str
     eos_token_id: int
+    max_score_len: int  # longest sequence `score` takes: vLLM's prompt logprobs need one token of room
     extra: dict = field(default_factory=dict)
 
 

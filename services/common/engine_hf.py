@@ -38,10 +38,12 @@ class HFEngine:
         cfg = self.model.config
         limit = getattr(cfg, "max_position_embeddings", None) or 4096
         eos = self.tokenizer.eos_token_id
+        seq_len = int(min(max_seq_len or limit, limit))
         self.meta = EngineMeta(
             model=model, revision=model_revision(model), vocab_size=int(cfg.vocab_size),
-            max_seq_len=int(min(max_seq_len or limit, limit)), dtype=dtype, engine="hf", device=self.device,
+            max_seq_len=seq_len, dtype=dtype, engine="hf", device=self.device,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer), eos_token_id=-1 if eos is None else int(eos),
+            max_score_len=seq_len,
         )
         self._lock = threading.Lock()
 
@@ -95,7 +97,11 @@ class HFEngine:
     # --------------------------------------------------------------- generation
     @torch.inference_mode()
     def generate(self, prompts: Sequence[np.ndarray], spec: SamplingSpec) -> list[GenOutput]:
-        """spec.n samples per prompt via `generate`; tokens after the stop token are cut."""
+        """spec.n samples per prompt via `generate`; tokens after the stop token are cut.
+
+        A stop string ends a completion as in vLLM: at the token whose text completes its first
+        occurrence (that token included), whatever `ignore_eos` says.
+        """
         from transformers import GenerationConfig
 
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else max(self.meta.eos_token_id, 0)
@@ -105,13 +111,14 @@ class HFEngine:
             max_new_tokens=spec.max_tokens, do_sample=not greedy, num_return_sequences=spec.n,
             temperature=None if greedy else spec.temperature, top_p=None if greedy else spec.top_p, top_k=None,
             eos_token_id=None if spec.ignore_eos else (stop_ids or None), pad_token_id=pad_id,
-            return_dict_in_generate=True, output_logits=True,
+            return_dict_in_generate=True, output_logits=True, stop_strings=list(spec.stop) or None,
         )
         ids_BL, mask_BL = _left_pad(prompts, pad_id, self.device)
         with self._lock, torch.random.fork_rng(devices=[] if self.device == "cpu" else None):
             if spec.seed is not None:
                 torch.manual_seed(spec.seed)
-            res = self.model.generate(input_ids=ids_BL, attention_mask=mask_BL, generation_config=gen_cfg)
+            res = self.model.generate(input_ids=ids_BL, attention_mask=mask_BL, generation_config=gen_cfg,
+                                      **({"tokenizer": self.tokenizer} if spec.stop else {}))
         new_BT = res.sequences[:, ids_BL.shape[1]:]
         logp_BTV = torch.log_softmax(torch.stack(res.logits, dim=1).float(), dim=-1)
         tok_lp_BT = logp_BTV.gather(-1, new_BT[..., None]).squeeze(-1)
@@ -125,6 +132,10 @@ class HFEngine:
                     if t in stop_ids:
                         end, reason = i + 1, "stop"
                         break
+            if spec.stop:
+                cut = _stop_string_end(self.tokenizer, toks[:end], spec.stop)
+                if cut is not None:
+                    end, reason = cut, "stop"
             outs.append(GenOutput(
                 prompt_index=row // spec.n, sample_index=row % spec.n,
                 tokens_T=np.asarray(toks[:end], dtype=np.int32), logprobs_T=tok_lp_BT[row, :end].cpu().numpy(),
@@ -186,6 +197,25 @@ def _gather_candidates(logp_NV: torch.Tensor, cands: list[np.ndarray | None], ro
             ids_Nc[at:at + r, :ids.shape[1]] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
         at += r
     return logp_NV.gather(-1, ids_Nc.to(logp_NV.device))
+
+
+def _stop_string_end(tokenizer, tokens: list[int], stops: Sequence[str]) -> int | None:
+    """Length of the shortest prefix of `tokens` whose text contains a stop string (None: none does).
+    Binary search: a prefix's text only grows with it."""
+    def hit(n: int) -> bool:
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    if not tokens or not hit(len(tokens)):
+        return None
+    lo, hi = 1, len(tokens)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hit(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def _chunks_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:

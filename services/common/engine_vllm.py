@@ -133,6 +133,7 @@ class VLLMEngine:
             model=model, revision=_revision(model, self.model_dir), vocab_size=vocab,
             max_seq_len=int(model_config.max_model_len), dtype=dtype, engine="vllm", device=self.device,
             tokenizer_fingerprint=tokenizer_fingerprint(self.tokenizer), eos_token_id=-1 if eos is None else int(eos),
+            max_score_len=int(model_config.max_model_len) - 1,  # prompt logprobs run with max_tokens=1
             extra={"max_top_k": self.max_top_k, "prefix_caching": enable_prefix_caching,
                    **_candidate_route(self._native_candidates, vocab)},
         )

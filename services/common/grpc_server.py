@@ -1,24 +1,30 @@
-"""gRPC server plumbing shared by the services: limits, auth, health, reflection, error mapping.
+"""gRPC server plumbing shared by the services: limits, admission, health, reflection, error mapping.
 
 `create_server` binds (port 0 allowed, as in gRPC's examples) and returns the real port. Domain
-errors map to status codes in one place (`grpc_errors`), so servicers stay thin.
+errors map to status codes in one place (`grpc_errors`), so servicers stay thin; who may call and
+on which thread pool is decided in one interceptor (`call_gate.CallGate`).
 """
 
 from __future__ import annotations
 
 import functools
-import hmac
+import inspect
 import logging
-from concurrent import futures
+import time
+from concurrent.futures import CancelledError
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
 
+from services.common.call_gate import CallGate, WorkPool
 from services.common.engine import EngineDeadError
-from topd_client.errors import (AuthError, InvalidInputError, OverloadedError, PreconditionError,
-                                UnavailableError)
+from services.common.metrics import ANONYMOUS
+from topd_client.errors import (ERROR_CLASS_KEY, AuthError, InvalidInputError, OverloadedError,
+                                PreconditionError, UnavailableError)
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +35,22 @@ _STATUS_OF = [
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
     (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (CancelledError, grpc.StatusCode.CANCELLED),  # the caller cancelled, or shutdown cancelled its call
 ]
-OPEN_METHODS_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# What callers (or shutdown) cause and the service handles: no ERROR, no traceback.
+_QUIET = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How a gRPC server is bound and guarded (from the service's settings)."""
+
+    max_message_bytes: int = 256 << 20
+    auth_token: str | None = None
+    reflection: bool = True
+    workers: int = 64           # threads of the work pool
+    max_pending: int = 1024     # calls running or waiting for a work thread before RESOURCE_EXHAUSTED
+    request_streams: int = 8    # request-streaming calls (weight updates, reflection) open at once
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -45,17 +65,16 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 def client_id_of(context: grpc.ServicerContext) -> str:
-    """The caller's `client-id` metadata, else its peer address."""
+    """The caller's `client-id` metadata (checked by the gate), else "anonymous": never the peer
+    address, which is new on every connection and would mint a label per connection."""
     for key, value in context.invocation_metadata() or ():
         if key == "client-id" and value:
-            return str(value)[:128]
-    return context.peer() or "anonymous"
+            return str(value)
+    return ANONYMOUS
 
 
 def deadline_of(context: grpc.ServicerContext) -> float | None:
     """The call's deadline on the monotonic clock (None when the client set none)."""
-    import time
-
     remaining = context.time_remaining()
     return None if remaining is None or remaining > 1e8 else time.monotonic() + remaining
 
@@ -68,11 +87,14 @@ def grpc_errors(method: Callable) -> Callable:
             servicer.on_engine_dead(str(exc))  # the service exits to be restarted; this caller retries
         for cls, code in _STATUS_OF:
             if isinstance(exc, cls):
-                context.abort(code, str(exc))
+                context.set_trailing_metadata(((ERROR_CLASS_KEY, type(exc).__name__),))  # the SDK's finer type
+                if code in _QUIET:
+                    log.debug("%s: %s (%s)", method.__qualname__, code.name, exc or type(exc).__name__)
+                context.abort(code, str(exc) or code.name.lower())
         log.exception("internal error in %s", method.__qualname__)
         context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    if _is_generator(method):
+    if inspect.isgeneratorfunction(method):
         @functools.wraps(method)
         def stream_wrapper(self, request, context):
             try:
@@ -94,64 +116,41 @@ def grpc_errors(method: Callable) -> Callable:
     return wrapper
 
 
-def _is_generator(fn: Callable) -> bool:
-    import inspect
+@dataclass
+class GrpcServer:
+    """A bound, not yet started server with its health servicer and its gate."""
 
-    return inspect.isgeneratorfunction(fn)
-
-
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Require `authorization: Bearer <token>` on every RPC except health and reflection."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method or ""
-        if method.startswith(OPEN_METHODS_PREFIXES):
-            return continuation(handler_call_details)
-        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(str(got).encode(), self._expected):
-            return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        return _deny(handler)
-
-
-def _deny(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    def abort(request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token (authorization: Bearer <token>)")
-
-    if handler is not None and handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler is not None and handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler is not None and handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    gate: CallGate
 
 
 def create_server(add_servicers: Iterable[Callable[[grpc.Server], None]], service_names: Iterable[str], *,
-                  host: str, port: int, max_message_bytes: int, auth_token: str | None,
-                  max_workers: int = 32) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Bind a server with our services, health and reflection; returns (server, bound port, health).
+                  host: str, port: int, registry: CollectorRegistry, options: ServerOptions) -> GrpcServer:
+    """Bind a server with our services, health and (unless turned off) reflection.
 
     Health starts NOT_SERVING; the service flips it to SERVING once its model is loaded.
     """
-    interceptors = [AuthInterceptor(auth_token)] if auth_token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="topd-grpc"),
-                         interceptors=interceptors, options=channel_options(max_message_bytes))
+    names = list(service_names)
+    pool = WorkPool(options.workers)
+    gate = CallGate(pool, WorkPool(options.request_streams, "topd-grpc-stream"), max_pending=options.max_pending,
+                    registry=registry, auth_token=options.auth_token,
+                    control_methods=[f"/{health.SERVICE_NAME}/Check", f"/{health.SERVICE_NAME}/Watch",
+                                     *(f"/{name}/GetInfo" for name in names)])
+    server = grpc.server(pool, interceptors=[gate], options=channel_options(options.max_message_bytes))
     for add in add_servicers:
         add(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = list(service_names)
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if options.reflection:
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC on {host}:{port}")
-    return server, bound, health_servicer
+    return GrpcServer(server, bound, health_servicer, gate)
 
 
 def set_serving(health_servicer: health.HealthServicer, names: Iterable[str], serving: bool) -> None:

@@ -7,22 +7,25 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Hashable, Literal
 
 import grpc
 from prometheus_client import CollectorRegistry
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings
 
 from services.common import validation
 from services.common.batcher import BatchStats, DynamicBatcher
 from services.common.engine import Engine, SamplingSpec
 from services.common.engines import completion_to_wire, load_engine
-from services.common.grpc_server import client_id_of, deadline_of
+from services.common.grpc_server import ServerOptions, client_id_of, deadline_of
 from services.common.metrics import TrafficStats
 from services.common.runner import ServiceRun, start_service
 from services.common.status_app import ServiceState
+from topd_client.auth import resolve_token
 from topd_client.errors import InvalidInputError, UnavailableError
+from topd_client.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, generate_response_bytes
 from topd_client.wire.topd.v1 import common_pb2
 
 
@@ -39,15 +42,44 @@ class ModelServerSettings(BaseSettings):
     max_seq_len: int | None = Field(None, description="Cap on prompt + response length (default: the model's)")
     max_batch_tokens: int = Field(32768, description="Token budget of one merged batch")
     max_wait_ms: float = Field(5.0, description="How long the batcher waits for a batch to fill")
-    max_queue_items: int = Field(8192, description="Items waiting before RESOURCE_EXHAUSTED")
+    max_queue_items: int = Field(8192, description="Items waiting before RESOURCE_EXHAUSTED (a request with more "
+                                                   "is INVALID_ARGUMENT: it can never fit)")
     max_message_mb: int = Field(256, description="gRPC send/receive message limit (MiB)")
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
-                                   description="Shared token; when set every RPC needs 'authorization: Bearer <token>'")
+                                   description="Shared token; when set every RPC needs 'authorization: Bearer <token>' "
+                                               "(visible in `ps`: prefer --auth-token-file)")
+    auth_token_file: Path | None = Field(None, validation_alias=AliasChoices("auth_token_file", "TOPD_AUTH_TOKEN_FILE"),
+                                         description="File holding the shared token (read at start, whitespace stripped)")
+    public_status: bool = Field(False, description="With auth on, leave /status, /metrics and /docs open (probes "
+                                                   "/healthz and /readyz are always open)")
+    reflection: Literal["auto", "on", "off"] = Field("auto", description="gRPC reflection; auto = on without auth, "
+                                                                         "off with auth")
+    grpc_workers: int = Field(64, ge=1, description="Threads serving RPCs (health and GetInfo have their own)")
+    max_pending_rpcs: int = Field(1024, ge=1, description="RPCs running or waiting for a thread before "
+                                                          "RESOURCE_EXHAUSTED")
+    max_request_streams: int = Field(8, ge=1, description="Client-streaming RPCs (weight updates, reflection) open "
+                                                          "at once; each holds a thread while its client is silent")
+    max_clients: int = Field(64, ge=1, description="Client ids with their own series in /metrics and /status; "
+                                                   "beyond, 'other' (idle ones give their place up after 10 min)")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM: how long calls in flight may finish "
+                                                            "(new work is refused meanwhile)")
     seed: int = Field(0, description="Engine seed")
     kv_cache_mb: int | None = Field(None, description="vLLM KV cache size in MiB (default: 64 on CPU; on GPU sized "
                                                       "from gpu_memory_utilization)")
     gpu_memory_utilization: float = Field(0.4, description="Fraction of GPU memory vLLM may take (teacher and "
                                                             "rollout on one GPU must add up to < 1 with room for the trainer)")
+
+    @model_validator(mode="after")
+    def _one_token_source(self) -> "ModelServerSettings":
+        if self.auth_token and self.auth_token_file:
+            raise ValueError("set auth_token or auth_token_file, not both")
+        return self
+
+    def server_options(self, token: str | None) -> ServerOptions:
+        reflection = self.reflection == "on" or (self.reflection == "auto" and token is None)
+        return ServerOptions(max_message_bytes=self.max_message_mb << 20, auth_token=token, reflection=reflection,
+                             workers=self.grpc_workers, max_pending=self.max_pending_rpcs,
+                             request_streams=self.max_request_streams)
 
 
 class ModelServerCore:
@@ -65,7 +97,7 @@ class ModelServerCore:
         self.version = 0
         self.instance_id = uuid.uuid4().hex  # clients notice a restart when it changes
         self.engine_lock = threading.Lock()
-        self.stats = TrafficStats(registry)
+        self.stats = TrafficStats(registry, max_clients=settings.max_clients)
         self.batcher = DynamicBatcher(self._run_batch, max_batch_tokens=settings.max_batch_tokens,
                                       max_wait_s=settings.max_wait_ms / 1000, max_queue_items=settings.max_queue_items,
                                       on_batch=self._on_batch)
@@ -111,8 +143,11 @@ class ModelServerCore:
         start = time.monotonic()
         if not prompts:
             raise InvalidInputError(f"empty batch: {method} got no prompts")
+        validation.request_items(len(prompts), self.settings.max_queue_items)
         meta = self.require_engine().meta
         spec = validation.sampling_spec(params, meta, self.settings.max_top_k, max(len(p) for p in prompts))
+        validation.response_fits(generate_response_bytes(len(prompts), spec.n, spec.max_tokens, spec.top_k),
+                                 self.settings.max_message_mb << 20, "split the request into smaller ones")
         ticket = self.batcher.submit(client_id_of(context), ("generate", spec), prompts,
                                      [(len(p) + spec.max_tokens) * spec.n for p in prompts], deadline_of(context))
         context.add_callback(ticket.cancel)
@@ -128,7 +163,10 @@ class ModelServerCore:
                                     max_seq_len=m.max_seq_len, dtype=m.dtype, engine=m.engine, device=m.device,
                                     tokenizer_fingerprint=m.tokenizer_fingerprint, eos_token_id=m.eos_token_id,
                                     max_top_k=self.settings.max_top_k, policy_version=self.version,
-                                    instance_id=self.instance_id)
+                                    instance_id=self.instance_id, max_score_len=m.max_score_len,
+                                    max_message_bytes=self.settings.max_message_mb << 20,
+                                    max_request_items=self.settings.max_queue_items, min_temperature=MIN_TEMPERATURE,
+                                    max_temperature=MAX_TEMPERATURE)
 
     def status(self) -> dict[str, Any]:
         meta = self.engine.meta if self.engine is not None else None
@@ -146,10 +184,12 @@ def start_model_server(name: str, core: ModelServerCore, registry: CollectorRegi
                        add_servicer: Callable[[Any, grpc.Server], None], service_name: str) -> ServiceRun:
     """Bind HTTP + gRPC, load the engine, mark ready; returns once the service can serve."""
     s = core.settings
+    token = resolve_token(s.auth_token, s.auth_token_file, env=None)  # the env was read into the settings
     run = start_service(
         ServiceState(name, registry, core.status), host=s.host, grpc_port=s.grpc_port, http_port=s.http_port,
         add_servicers=[lambda server: add_servicer(servicer, server)], service_names=[service_name],
-        max_message_bytes=s.max_message_mb << 20, auth_token=s.auth_token, load=core.load)
+        options=s.server_options(token), http_token=None if s.public_status else token,
+        shutdown_grace_s=s.shutdown_grace_s, load=core.load)
     run.on_stop.append(core.close)
     servicer.on_engine_dead = run.fail  # see grpc_server.grpc_errors
     return run

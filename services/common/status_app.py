@@ -3,10 +3,15 @@
 Endpoints: `/healthz` (process alive), `/readyz` (200 only once ready: model loaded, or trainer
 connected), `/status` (JSON from the service's provider), `/metrics` (Prometheus), `/docs`.
 Handlers read everything from `app.state.service` (no globals).
+
+With a token (auth on, unless the service was started with `--public-status`), everything but
+`/healthz` and `/readyz` needs `Authorization: Bearer <token>`: `/status` lists model paths and
+client ids, and `/docs` + `/openapi.json` map the API. Probes stay open.
 """
 
 from __future__ import annotations
 
+import hmac
 import socket
 import threading
 import time
@@ -69,10 +74,24 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.service.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_status_app(state: ServiceState) -> FastAPI:
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+def create_status_app(state: ServiceState, token: str | None = None) -> FastAPI:
+    """The status app; with `token`, every path but OPEN_PATHS needs `Authorization: Bearer <token>`."""
     app = FastAPI(title=f"topd {state.service}", version="0.1.0")
     app.state.service = state
     app.include_router(router)
+    if token is not None:
+        expected = f"Bearer {token}".encode()
+
+        @app.middleware("http")
+        async def require_token(request: Request, call_next):
+            got = request.headers.get("authorization", "").encode()
+            if request.url.path in OPEN_PATHS or hmac.compare_digest(got, expected):
+                return await call_next(request)
+            return JSONResponse({"detail": "missing or wrong auth token (Authorization: Bearer <token>)"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
     return app
 
 

@@ -17,6 +17,7 @@ from services.common.model_server import ModelServerCore, start_model_server
 from services.common.runner import ServiceRun
 from services.teacher.settings import TeacherSettings
 from topd_client.errors import InvalidInputError, PreconditionError
+from topd_client.limits import score_response_bytes, score_result_bytes
 from topd_client.tensors import to_wire
 from topd_client.wire.topd.v1 import teacher_pb2, teacher_pb2_grpc
 
@@ -71,17 +72,17 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     def GetInfo(self, request, context):
         return self.core.model_info()
 
-    def _submit_score(self, request: teacher_pb2.ScoreRequest, context) -> tuple[Ticket, list[int]]:
+    def _submit_score(self, request: teacher_pb2.ScoreRequest, context, unary: bool) -> tuple[Ticket, list[int]]:
         meta = self.core.require_engine().meta
         if not request.sequences:
             raise InvalidInputError("empty batch: ScoreRequest.sequences is empty")
+        validation.request_items(len(request.sequences), self.core.settings.max_queue_items)
         k = validation.top_k(request.top_k, self.core.settings.max_top_k)
-        temperature = request.temperature if request.HasField("temperature") else 1.0
-        if not temperature > 0:
-            raise InvalidInputError(f"temperature {temperature} must be > 0 for scoring")
-        payloads, rows, costs = [], [], []
+        temperature = validation.temperature(request.temperature if request.HasField("temperature") else 1.0,
+                                             greedy_ok=False)
+        payloads, rows, costs, widths = [], [], [], []
         for i, seq in enumerate(request.sequences):
-            ids = validation.token_ids(seq.tokens, f"sequences[{i}].tokens", meta)
+            ids = validation.token_ids(seq.tokens, f"sequences[{i}].tokens", meta, max_len=meta.max_score_len)
             r = seq.response_start
             if not 1 <= r <= len(ids):
                 raise InvalidInputError(f"sequences[{i}].response_start {r} out of range [1, {len(ids)}] "
@@ -90,6 +91,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             payloads.append((ids, r, cands))
             rows.append(len(ids) - r)
             costs.append(score_cost(len(ids), len(ids) - r, 0 if cands is None else cands.shape[1]))
+            widths.append(0 if cands is None else cands.shape[1])
+        limit = self.core.settings.max_message_mb << 20
+        if unary:
+            validation.response_fits(score_response_bytes(rows, k, widths), limit,
+                                     "call ScoreStream (one message per sequence; the SDK switches by itself)")
+        else:
+            worst = max(range(len(rows)), key=lambda i: score_result_bytes(rows[i], k, widths[i]))
+            validation.response_fits(score_result_bytes(rows[worst], k, widths[worst]), limit,
+                                     "one sequence's scores must fit one message: lower top_k or the candidate "
+                                     "ids, or score fewer response tokens")
         ticket = self.core.batcher.submit(client_id_of(context), ("score", k, float(temperature)), payloads,
                                           costs, deadline_of(context))
         context.add_callback(ticket.cancel)
@@ -118,7 +129,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     @grpc_errors
     def Score(self, request, context):
         start = time.monotonic()
-        ticket, rows = self._submit_score(request, context)
+        ticket, rows = self._submit_score(request, context, unary=True)
         results = [self._score_result(i, out) for i, out in enumerate(ticket.results())]
         self.core.stats.record("Score", ticket.client_id, sum(rows), time.monotonic() - start)
         return teacher_pb2.ScoreResponse(results=results)
@@ -126,7 +137,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     @grpc_errors
     def ScoreStream(self, request, context) -> Iterator[teacher_pb2.ScoreResult]:
         start = time.monotonic()
-        ticket, rows = self._submit_score(request, context)
+        ticket, rows = self._submit_score(request, context, unary=False)
         for i, out in enumerate(ticket.iter_results()):
             yield self._score_result(i, out)
         self.core.stats.record("ScoreStream", ticket.client_id, sum(rows), time.monotonic() - start)
@@ -134,6 +145,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     @grpc_errors
     def Generate(self, request, context):
         meta = self.core.require_engine().meta
+        validation.request_items(len(request.prompts), self.core.settings.max_queue_items)
         prompts = [validation.token_ids(p, f"prompts[{i}]", meta) for i, p in enumerate(request.prompts)]
         return self.core.generate("Generate", prompts, request.params, context)
 

@@ -37,6 +37,7 @@ from services.trainer.status import StatusBoard
 from services.trainer.step import PhaseTimer, StepConfig, train_step
 from services.trainer.student import unwrap
 from services.trainer.task_api import resolve_task
+from topd_client.auth import resolve_token
 from topd_client.errors import ConfigurationError, TokenizerMismatchError, TopdError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,14 @@ def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None, 
     cfg = StepConfig.from_settings(s, unwrap(state.model).config.vocab_size)
     room = _prompt_room(s, state, None)
     records = fit_prompts(train_records(s.data, task), state.tokenizer, s.data, room)  # before waiting for services
-    clients = ServiceClients(s.services, rank, s.auth_token, stop_event=stop, run_id=run.run_id)
+    clients = ServiceClients(s.services, rank, resolve_token(s.auth_token, s.auth_token_file), stop_event=stop,
+                             run_id=run.run_id)
     timer = PhaseTimer()
     board = StatusBoard(s, rank, world, state, clients, timer)
     registry = CollectorRegistry()
     service_state = ServiceState("trainer", registry, board.status)
-    service = start_service(service_state, host=s.host, grpc_port=None, http_port=s.http_port if rank == 0 else 0)
+    service = start_service(service_state, host=s.host, grpc_port=None, http_port=s.http_port if rank == 0 else 0,
+                            http_token=resolve_token(s.auth_token, s.auth_token_file))
     service_state.set_ready(False, "connecting to teacher and rollout")
     metrics_file = run.path / (METRICS_FILE if rank == 0 else f"metrics.rank{rank}.jsonl")
     with ExitStack() as stack:

@@ -200,6 +200,8 @@ class TrainerSettings(BaseSettings):
                                           "pip install 'topd[tracking]')")
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
                                    description="Shared auth token of the services")
+    auth_token_file: str | None = Field(None, validation_alias=AliasChoices("auth_token_file", "TOPD_AUTH_TOKEN_FILE"),
+                                        description="File holding the shared auth token (keeps it out of `ps`)")
 
     services: ServicesSettings = Field(default_factory=ServicesSettings, description=ServicesSettings.__doc__)
     data: DataSettings = Field(default_factory=DataSettings, description=DataSettings.__doc__)

@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "revision", "vocab_size", "max_seq_len", "dtype", "engine", "device", "tokenizer_fingerprint", "max_top_k", "policy_version", "eos_token_id", "max_candidate_ids", "weight_sync", "instance_id")
+    __slots__ = ("model", "revision", "vocab_size", "max_seq_len", "dtype", "engine", "device", "tokenizer_fingerprint", "max_top_k", "policy_version", "eos_token_id", "max_candidate_ids", "weight_sync", "instance_id", "max_score_len", "max_message_bytes", "max_request_items", "min_temperature", "max_temperature")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,11 @@ class ModelInfo(_message.Message):
     MAX_CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SYNC_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_SCORE_LEN_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MIN_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     vocab_size: int
@@ -50,7 +55,12 @@ class ModelInfo(_message.Message):
     max_candidate_ids: int
     weight_sync: WeightSyncInfo
     instance_id: str
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_top_k: _Optional[int] = ..., policy_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_candidate_ids: _Optional[int] = ..., weight_sync: _Optional[_Union[WeightSyncInfo, _Mapping]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    max_score_len: int
+    max_message_bytes: int
+    max_request_items: int
+    min_temperature: float
+    max_temperature: float
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., dtype: _Optional[str] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., max_top_k: _Optional[int] = ..., policy_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., max_candidate_ids: _Optional[int] = ..., weight_sync: _Optional[_Union[WeightSyncInfo, _Mapping]] = ..., instance_id: _Optional[str] = ..., max_score_len: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_items: _Optional[int] = ..., min_temperature: _Optional[float] = ..., max_temperature: _Optional[float] = ...) -> None: ...
 
 class WeightSyncInfo(_message.Message):
     __slots__ = ("shm_dir", "shm_probe", "shm_token", "max_update_bytes", "idle_timeout_s", "nccl")
