@@ -215,3 +215,44 @@ def test_settings_and_unwritable_output_fail_in_one_line(models, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and lines and lines[-1].startswith("topd: error: "), res.stderr[-2000:]
         assert message in lines[-1] and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_teacher_replaced_by_another_model_stops_the_run_after_a_checkpoint(models, tmp_path):
+    from tests.support.tiny_model import TinyModelSpec, build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other-teacher", TinyModelSpec(seed=3, vocab_size=300))
+    own_teacher = launch("teacher", models["teacher"], tmp_path, "--engine", "hf")
+    rollout = launch("rollout", models["student"], tmp_path, "--engine", "hf")
+    try:
+        out, log = tmp_path / "run", tmp_path / "trainer.log"
+        proc = start_trainer(trainer_cmd(models, own_teacher.address, rollout.address, out), log)
+        wait_for_step(out, 1, proc, log)
+        own_teacher.proc.send_signal(signal.SIGKILL)
+        own_teacher.proc.wait()
+        own_teacher = launch("teacher", other, tmp_path, "--engine", "hf", grpc_port=own_teacher.grpc_port,
+                             http_port=own_teacher.http_port)
+        assert proc.wait(300) == 2, log.read_text()[-3000:]
+        text = log.read_text()
+        assert "topd: error: teacher tokenizer differs from the student's" in text
+        done = len(rows(out))
+        assert done < MAX_STEPS and "Traceback" not in text
+        latest = (out / "checkpoints" / "latest").read_text()
+        assert latest == f"step-{done:07d}"  # the last completed step was kept before stopping
+    finally:
+        stop(own_teacher.proc)
+        stop(rollout.proc)
+
+
+def test_a_second_trainer_cannot_take_over_a_rollout(models, teacher, reference, tmp_path):
+    rollout = launch("rollout", models["student"], tmp_path, "--engine", "hf")
+    try:
+        out_a, log_a = tmp_path / "a", tmp_path / "a.log"
+        a = start_trainer(trainer_cmd(models, teacher.address, rollout.address, out_a), log_a)
+        wait_for_step(out_a, 1, a, log_a)
+        cmd_b = trainer_cmd(models, teacher.address, rollout.address, tmp_path / "b", "--set", "client_id=other")
+        b = subprocess.run(cmd_b, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert b.returncode == 2 and "FAILED_PRECONDITION: rollout is owned by 'trainer/" in b.stderr, b.stderr[-2000:]
+        finish(a, log_a)
+        check_run(out_a, reference)  # the owner was not disturbed
+    finally:
+        stop(rollout.proc)

@@ -508,7 +508,7 @@ def test_auth_token_file_keeps_the_secret_out_of_ps(tiny_model, tmp_path):
     token_file.write_text("file-secret-123\n")
     grpc_port, http_port = free_port(), free_port()
     log = tmp_path / "teacher.log"
-    cmd = [sys.executable, "-m", "topd_client.cli", "teacher", "--model", str(tiny_model), "--engine", "hf",
+    cmd = [sys.executable, "-m", "services.cli", "teacher", "--model", str(tiny_model), "--engine", "hf",
            "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--auth-token-file", str(token_file)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("TOPD_AUTH")}
     with open(log, "w") as out:

@@ -18,7 +18,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.common.compose_local import load_services
+from tests.support.compose_local import load_services
 from services.common.runner import start_service
 from services.common.status_app import ServiceState
 from services.rollout.service import start_rollout

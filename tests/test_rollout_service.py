@@ -52,6 +52,18 @@ def _check_sample_logprobs(model, prompt, completion, tol=1e-4):
 PROMPTS = [np.array([5, 17, 42, 99, 7], dtype=np.int32), np.array([200, 3, 3, 150], dtype=np.int32)]
 
 
+def serve(served, weights: dict[str, torch.Tensor] | None = None) -> int:
+    """Make the rollout serve `weights` (default: its checkpoint's) as a new version, and the test's
+    reference model hold the same: every test starts from a known state, whatever ran before it."""
+    model, client = served["model"], served["client"]
+    weights = weights if weights is not None else dict(_load(served["path"]).named_parameters())
+    weights = {n: t.detach().contiguous() for n, t in weights.items()}
+    version = client.info().policy_version + 1
+    assert client.update_weights(weights, version=version).version == version
+    model.load_state_dict(weights, strict=False)
+    return version
+
+
 @pytest.fixture(scope="module", params=ENGINES)
 def engine(request):
     return request.param
@@ -68,6 +80,7 @@ def served(request, engine, tiny_model, tiny_tied_model, tmp_path_factory):
 
 def test_greedy_equals_transformers_and_logprobs_match(served):
     model, client = served["model"], served["client"]
+    serve(served)
     out = client.sample(PROMPTS, max_tokens=8, temperature=0.0, top_k=3)
     for prompt, (c,) in zip(PROMPTS, out):
         ids = torch.as_tensor(prompt, dtype=torch.long)[None]
@@ -85,13 +98,8 @@ def test_greedy_equals_transformers_and_logprobs_match(served):
 
 def test_update_then_logprobs_follow_new_weights(served):
     model, client = served["model"], served["client"]
-    version = client.info().policy_version + 1
-    new = _perturbed(model, seed=version)
-    resp = client.update_weights(new, version=version)
-    assert resp.version == version
-    model.load_state_dict(new, strict=False)
-    if model.config.tie_word_embeddings:
-        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    serve(served)
+    version = serve(served, _perturbed(model, seed=11))
     assert client.info().policy_version == version
     long_prompt = np.arange(3, 120, dtype=np.int32) % 380  # long: would reuse stale prefix-cache KV
     for prompt in [*PROMPTS, long_prompt]:
@@ -104,6 +112,7 @@ def test_checkpoint_dir_update(served):
     from safetensors.torch import save_file
 
     model, client = served["model"], served["client"]
+    serve(served)
     version = client.info().policy_version + 1
     new = _perturbed(model, seed=4242)
     ckpt = served["weights_dir"] / f"v{version}"
@@ -117,37 +126,42 @@ def test_checkpoint_dir_update(served):
 
 def test_sampling_racing_an_update_is_consistent(served):
     """Requests in flight finish on the old weights, later ones on the new; every sample's
-    logprobs match the weights of the version it reports."""
+    logprobs match the weights of the version it reports, and both versions are seen."""
     model, proc = served["model"], served["proc"]
     client = RolloutClient(proc.address)
-    old_version = client.info().policy_version
+    old_version = serve(served)
     refs = {old_version: {n: p.detach().clone() for n, p in model.named_parameters()}}
     new = _perturbed(model, seed=7)
     refs[old_version + 1] = new
-    results, errors = [], []
+    results, errors, stop = [], [], threading.Event()
+    seen = {v: threading.Event() for v in refs}
 
     def sampler(i):
         try:
             with RolloutClient(proc.address, client_id=f"s{i}") as c:
-                for _ in range(4):
-                    results.extend((PROMPTS[i % 2], comp) for comp in c.sample([PROMPTS[i % 2]], max_tokens=5,
-                                                                               seed=i)[0])
+                while not stop.is_set():
+                    for comp in c.sample([PROMPTS[i % 2]], max_tokens=5, seed=i)[0]:
+                        results.append((PROMPTS[i % 2], comp))
+                        seen[comp.policy_version].set()
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
     threads = [threading.Thread(target=sampler, args=(i,)) for i in range(4)]
     [t.start() for t in threads]
-    client.update_weights(new, version=old_version + 1)
-    [t.join(120) for t in threads]
+    try:
+        assert seen[old_version].wait(120)  # samplers are running on the old weights ...
+        client.update_weights(new, version=old_version + 1)
+        assert seen[old_version + 1].wait(120)  # ... and go on on the new ones
+    finally:
+        stop.set()
+        [t.join(120) for t in threads]
     assert not errors, errors
-    assert len(results) == 16
-    assert {c.policy_version for _, c in results} <= {old_version, old_version + 1}
+    assert {c.policy_version for _, c in results} == {old_version, old_version + 1}
     for version, weights in refs.items():
         model.load_state_dict(weights, strict=False)
         for prompt, c in results:
             if c.policy_version == version:
                 _check_sample_logprobs(model, prompt, c)
-    model.load_state_dict(new, strict=False)
 
 
 def test_weights_cast_to_the_serving_dtype_before_the_push_serve_identically(tiny_model, tmp_path):

@@ -49,3 +49,16 @@ def test_malformed_tensor_named():
         from_wire(t, "x")
     with pytest.raises(MalformedTensorError, match="unknown dtype"):
         from_wire(common_pb2.Tensor(dtype="complex", shape=[1], data=b""), "x")
+
+
+def test_model_info_is_one_record_on_both_sides():
+    """The engine's record and the SDK's are the wire message's fields by name (converted generically),
+    so a field added to proto/ and to them cannot be dropped on the way."""
+    from dataclasses import fields
+
+    from services.common.engine import EngineMeta
+    from topd_client.results import ModelInfo
+
+    wire = {f.name for f in common_pb2.ModelInfo.DESCRIPTOR.fields}
+    assert {f.name for f in fields(ModelInfo)} == wire - {"weight_sync"}  # a nested message: the rollout SDK's
+    assert {f.name for f in fields(EngineMeta)} - {"extra"} <= wire

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -46,10 +46,8 @@ class Completion:
 
 
 def info_from_wire(m: common_pb2.ModelInfo) -> ModelInfo:
-    return ModelInfo(m.model, m.revision, m.vocab_size, m.max_seq_len, m.dtype, m.engine, m.device,
-                     m.tokenizer_fingerprint, m.max_top_k, m.policy_version, m.eos_token_id, m.max_candidate_ids,
-                     m.instance_id, m.max_score_len, m.max_message_bytes, m.max_request_items, m.min_temperature,
-                     m.max_temperature)
+    """ModelInfo's fields are the wire message's scalar fields, by name."""
+    return ModelInfo(**{f.name: getattr(m, f.name) for f in fields(ModelInfo)})
 
 
 def sampling_to_wire(*, n: int, temperature: float, top_p: float, max_tokens: int, seed: int | None, top_k: int,

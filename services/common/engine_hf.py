@@ -145,7 +145,7 @@ class HFEngine:
 
     # ------------------------------------------------------------------ weights
     def weight_shapes(self) -> Mapping[str, tuple[int, ...]]:
-        """Unique parameters and buffers that a checkpoint stores (a tied lm_head is not listed)."""
+        """The parameters an update must carry, each once (a tied lm_head is the embedding: not listed)."""
         return {n: tuple(p.shape) for n, p in self.model.named_parameters()}
 
     def tied_weights(self) -> Mapping[str, str]:

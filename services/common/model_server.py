@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Hashable, Literal
 
@@ -158,13 +159,11 @@ class ModelServerCore:
         return common_pb2.GenerateResponse(completions=out)
 
     def model_info(self) -> common_pb2.ModelInfo:
+        """The engine's record (EngineMeta, field for field) plus what this server decides."""
         m = self.require_engine().meta
-        return common_pb2.ModelInfo(model=m.model, revision=m.revision, vocab_size=m.vocab_size,
-                                    max_seq_len=m.max_seq_len, dtype=m.dtype, engine=m.engine, device=m.device,
-                                    tokenizer_fingerprint=m.tokenizer_fingerprint, eos_token_id=m.eos_token_id,
+        return common_pb2.ModelInfo(**{k: v for k, v in asdict(m).items() if k != "extra"},
                                     max_top_k=self.settings.max_top_k, policy_version=self.version,
-                                    instance_id=self.instance_id, max_score_len=m.max_score_len,
-                                    max_message_bytes=self.settings.max_message_mb << 20,
+                                    instance_id=self.instance_id, max_message_bytes=self.settings.max_message_mb << 20,
                                     max_request_items=self.settings.max_queue_items, min_temperature=MIN_TEMPERATURE,
                                     max_temperature=MAX_TEMPERATURE)
 

@@ -23,7 +23,8 @@ from services.common.runner import ServiceRun
 from services.common.staged_weights import StagedWeights
 from services.rollout.settings import RolloutSettings
 from services.rollout.shared_dir import open_shared_dir, update_limits
-from services.rollout.updates import WeightUpdates, weight_sync_info
+from services.rollout.sources import weight_sync_info
+from services.rollout.updates import WeightUpdates
 from topd_client.errors import InvalidInputError, PreconditionError
 from topd_client.wire.topd.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
 

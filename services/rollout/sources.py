@@ -9,6 +9,8 @@ Sources: "grpc" (buckets, staged here), "shm" (a file the sender wrote in --shm-
 
 from __future__ import annotations
 
+import hashlib
+
 import os
 import shutil
 import socket
@@ -20,7 +22,7 @@ from typing import Mapping
 from services.common.staged_weights import StagedWeights
 from services.rollout import verify
 from topd_client.errors import InvalidInputError, PreconditionError
-from topd_client.wire.topd.v1 import rollout_pb2
+from topd_client.wire.topd.v1 import common_pb2, rollout_pb2
 
 SOURCES = {"shm_path": "shm", "checkpoint_dir": "checkpoint_dir", "nccl": "nccl"}  # oneof field -> source
 _STAGING = "topd-staging-"
@@ -161,3 +163,18 @@ def _sweep(base: Path) -> None:
         except OSError:
             continue  # alive, another user's
         shutil.rmtree(d, ignore_errors=True)
+
+
+def layout_key(staged: StagedWeights) -> str:
+    """A digest of the tensors' names, dtypes and shapes: two updates with it can replace each other."""
+    h = hashlib.sha256()
+    for t in sorted(staged.tensors, key=lambda t: t.name):
+        h.update(f"{t.name}|{t.dtype}|{list(t.shape)};".encode())
+    return h.hexdigest()
+
+
+def weight_sync_info(limits: UpdateLimits, probe: str, token: str) -> common_pb2.WeightSyncInfo:
+    return common_pb2.WeightSyncInfo(shm_dir=str(limits.shm_dir or ""), shm_probe=probe if limits.shm_dir else "",
+                                     shm_token=token if limits.shm_dir else "",
+                                     max_update_bytes=limits.max_update_bytes, idle_timeout_s=limits.idle_timeout_s,
+                                     nccl=limits.nccl)

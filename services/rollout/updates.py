@@ -17,7 +17,6 @@ for `idle_timeout_s` are cut, so a silent client holds no thread and no memory f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -33,10 +32,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from services.common.engine import WeightsUnchangedError
 from services.common.staged_weights import StagedWeights
 from services.rollout import verify
-from services.rollout.sources import StagingArea, UpdateLimits, source_of, update_layout
+from services.rollout.lease import OwnerLease
+from services.rollout.sources import StagingArea, UpdateLimits, layout_key, source_of, update_layout
 from topd_client.errors import InvalidInputError, OverloadedError, PreconditionError, TopdError
 from topd_client.weights import DEFAULT_ALGORITHM, new_hasher, split_checksum
-from topd_client.wire.topd.v1 import common_pb2, rollout_pb2
+from topd_client.wire.topd.v1 import rollout_pb2
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class WeightUpdates:
         self._lock = threading.Lock()
         self._inflight: _Update | None = None
         self._committed: _Committed | None = None
-        self._owner, self._owner_seen = "", 0.0  # the lease of the last committed update's owner
+        self.lease = OwnerLease(limits.owner_lease_s)
         self._ended: dict[str, str] = {}  # recent update ids that ended without a commit -> why
         self._stream: _OpenStream | None = None  # the one SendBuckets stream allowed at a time
         self._staging = StagingArea(limits.staging_dirs)
@@ -124,9 +124,9 @@ class WeightUpdates:
     def _begin(self, req: rollout_pb2.BeginUpdateRequest, source: str) -> rollout_pb2.BeginUpdateResponse:
         staged, origin = update_layout(req, self.limits, *self.target.weight_layout())
         claimed = _canonical(req.manifest.checksum)
-        key = _layout_key(staged)
+        key = layout_key(staged)
         with self._lock:
-            self._check_owner(req.owner)
+            self.lease.check(req.owner)
             repeat = self._resend_answer(req.version, key, claimed)
             if repeat is not None:
                 return rollout_pb2.BeginUpdateResponse(update_id=self._committed.update_id, committed=repeat)
@@ -151,25 +151,10 @@ class WeightUpdates:
                  len(staged.tensors), u.total / 2**20)
         return rollout_pb2.BeginUpdateResponse(update_id=update_id)
 
-    def _check_owner(self, owner: str) -> None:
-        """One writer: refuse another sender while the owner's lease runs (it renews with each update)."""
-        age = time.monotonic() - self._owner_seen
-        if self._owner and owner != self._owner and age < self.limits.owner_lease_s:
-            raise PreconditionError(
-                f"rollout is owned by {self._owner!r} (its last update {age:.0f} s ago); it takes updates from one "
-                f"trainer: this one ({owner or 'no owner'}) may write once the owner has sent nothing for "
-                f"{self.limits.owner_lease_s:.0f} s, or after a restart of the rollout")
-        if owner and owner == self._owner:
-            self._owner_seen = time.monotonic()
-
     def release(self, owner: str) -> bool:
         """The owner gives the rollout up (its run ended); True when it was the owner."""
         with self._lock:
-            if owner and owner == self._owner:
-                log.info("weight-update owner %s released the rollout", owner)
-                self._owner = ""
-                return True
-            return False
+            return self.lease.release(owner)
 
     def _resend_answer(self, version: int, key: str, claimed: str) -> rollout_pb2.UpdateWeightsResponse | None:
         """Version checks: above the serving one, or equal to the last commit (a re-send: answered
@@ -325,8 +310,7 @@ class WeightUpdates:
             receive_seconds=receive_s, total_bytes=u.total, source=u.source, checksum=checksum)
         with self._lock:
             self._committed = _Committed(u.update_id, u.version, u.key, checksum, response)
-            if u.owner:
-                self._owner, self._owner_seen = u.owner, time.monotonic()
+            self.lease.committed(u.owner)
         self._finish(u, None, "committed")
         self.pause.observe(pause_s)
         self.seconds.labels(u.source).observe(time.monotonic() - u.started)
@@ -403,7 +387,7 @@ class WeightUpdates:
     def status(self) -> dict:
         with self._lock:
             u = self._inflight
-            owner = {"owner": self._owner or None}
+            owner = {"owner": self.lease.owner or None}
             return owner if u is None else {**owner,
                 "update_id": u.update_id, "version": u.version, "source": u.source, "received_bytes": u.received,
                 "total_bytes": u.total, "committing": u.committing,
@@ -428,22 +412,8 @@ def _canonical(checksum: str) -> str:
     return ":".join(split_checksum(checksum)) if checksum else ""
 
 
-def _layout_key(staged: StagedWeights) -> str:
-    h = hashlib.sha256()
-    for t in sorted(staged.tensors, key=lambda t: t.name):
-        h.update(f"{t.name}|{t.dtype}|{list(t.shape)};".encode())
-    return h.hexdigest()
-
-
 def _repeat(r: rollout_pb2.UpdateWeightsResponse) -> rollout_pb2.UpdateWeightsResponse:
     out = rollout_pb2.UpdateWeightsResponse()
     out.CopyFrom(r)
     out.already_committed = True
     return out
-
-
-def weight_sync_info(limits: UpdateLimits, probe: str, token: str) -> common_pb2.WeightSyncInfo:
-    return common_pb2.WeightSyncInfo(shm_dir=str(limits.shm_dir or ""), shm_probe=probe if limits.shm_dir else "",
-                                     shm_token=token if limits.shm_dir else "",
-                                     max_update_bytes=limits.max_update_bytes, idle_timeout_s=limits.idle_timeout_s,
-                                     nccl=limits.nccl)

@@ -60,15 +60,19 @@ class MetricsLog:
         from services.trainer.checkpoint import StorageError
 
         row = (json.dumps({"step": step, "time": time.time(), **metrics}, default=float) + "\n").encode()
-        with open(self.path, "ab") as f:
-            size = f.tell()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
             try:
-                f.write(row)
-                f.flush()
-                os.fsync(f.fileno())
+                view = memoryview(row)
+                while view:  # unbuffered: nothing is left to fail again when the file closes
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
             except OSError as exc:
-                f.truncate(size)
+                os.ftruncate(fd, size)
                 raise StorageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         pass

@@ -38,7 +38,8 @@ from services.trainer.step import PhaseTimer, StepConfig, train_step
 from services.trainer.student import unwrap
 from services.trainer.task_api import resolve_task
 from topd_client.auth import resolve_token
-from topd_client.errors import ConfigurationError, TokenizerMismatchError, TopdError, UnavailableError
+from topd_client.errors import (ConfigurationError, InvalidInputError, PreconditionError, TokenizerMismatchError,
+                                TopdError, UnavailableError)
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,9 @@ def _one_step(step: int, s: TrainerSettings, state: TrainState, clients: Service
             source.complete()
             metrics["step_redos"] = float(attempt)
             return metrics
+        except (InvalidInputError, PreconditionError):
+            clients.verify()  # a service that restarted as another model: say that, not what it refused
+            raise
         except RolloutOutOfSync as exc:
             if attempt == MAX_STEP_REDOS:
                 raise UnavailableError(f"step {step}: the rollout kept losing the trainer's weights ({exc})") from None

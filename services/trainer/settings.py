@@ -22,6 +22,7 @@ from pydantic_settings import (BaseSettings, EnvSettingsSource, InitSettingsSour
 from services.common.settings import describe
 from services.trainer.objective import VARIANTS
 from topd_client.errors import ConfigurationError
+from topd_client.limits import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 OBJECTIVES: tuple[str, ...] = tuple(VARIANTS)  # the one list of objective names: objective.VARIANTS
 Objective = Literal[OBJECTIVES]  # type: ignore[valid-type]
@@ -91,7 +92,7 @@ class SamplingSettings(_Group):
     prompts_per_step: int = Field(16, ge=1, description="P prompts per step")
     samples_per_prompt: int = Field(4, ge=1, le=64, description="n samples per prompt")
     max_new_tokens: int = Field(96, ge=1, description="Max response tokens per sample")
-    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature of rollouts")
+    temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="Sampling temperature of rollouts")
     max_staleness: int = Field(1, ge=0, description="Drop samples older than this many policy versions")
     overlap: bool = Field(False, description="Sample the next step while this one trains (samples lag one version)")
     async_push: bool = Field(False, description="Send step t's weights while step t+1 samples (its samples may lag "
@@ -114,7 +115,8 @@ class OPDSettings(_Group):
     adv_clip: float | None = Field(None, gt=0, description="Clip per-token advantages to [-c, c]; None = off")
     kl_discount: float = Field(0.0, ge=0, le=1, description="Backward discount gamma of A_t (0 = off)")
     advantage_from: Literal["sampler", "current"] = Field("sampler", description="Student logprob inside A_t")
-    teacher_temperature: float = Field(1.0, gt=0, le=100, description="Temperature of the teacher's scores")
+    teacher_temperature: float = Field(1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE,
+                                       description="Temperature of the teacher's scores")
     opd_estimator: Literal["sampled", "student_topk", "teacher_topk", "full"] = Field(
         "sampled", description="L_OPD estimator: sampled (one-sample reverse KL, the paper's), student_topk / "
                                "teacher_topk (reverse / forward KL over top-k ids + tail), full (whole vocabulary)")
@@ -129,7 +131,7 @@ class DetectionSettings(_Group):
     candidate_scope: Literal["trajectory", "batch"] = Field("trajectory", description="Where q is taken")
     max_candidates: int | None = Field(64, ge=1, description="Cap on candidates per step (branch windows dominate cost)")
     window: int = Field(16, ge=1, description="K: near-future window length")
-    window_temperature: float = Field(0.0, ge=0, le=100,
+    window_temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE,
                                       description="Temperature of the windows (0 = greedy; sampled windows were at chance)")
     embedding: Literal["student", "teacher", "one_hot"] = Field("student", description="Token embeddings for OT")
     teacher_embedding_model: str | None = Field(None, description="Local teacher checkpoint to read embeddings from "
@@ -143,6 +145,8 @@ class DetectionSettings(_Group):
 
     @model_validator(mode="after")
     def _teacher_table(self) -> "DetectionSettings":
+        if 0 < self.window_temperature < MIN_TEMPERATURE:
+            raise ValueError(f"window_temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
         if self.embedding == "teacher" and not self.teacher_embedding_model:
             raise ValueError("embedding=teacher needs teacher_embedding_model: the trainer holds no teacher weights, "
                              "so give a local teacher checkpoint to read its input embeddings from")
