@@ -62,3 +62,43 @@ def ref_logprobs(model, ids, temperature: float = 1.0):
     with torch.no_grad():
         logits = model(torch.as_tensor(ids, dtype=torch.long)[None]).logits[0, :-1].double()
     return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def _vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: not here
+        return False
+    return True
+
+
+ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.vllm,
+                                             pytest.mark.skipif(not _vllm_available(), reason="vllm not importable")])]
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine(request):
+    return request.param
+
+
+@pytest.fixture(scope="session", params=["untied", "tied"])
+def served(request, engine, tiny_model, tiny_tied_model, tmp_path_factory):
+    """A rollout subprocess per engine x tied/untied tiny model, shared by the rollout-service and
+    weight-sync tests (a vLLM start costs ~40 s): every test sets the state it needs itself
+    (tests/test_rollout_service.py `serve`). `model` is an in-process reference of the same weights."""
+    import grpc
+    from transformers import AutoModelForCausalLM
+
+    from tests.procs import service
+    from topd_client import RolloutClient
+    from topd_client.wire.topd.v1 import rollout_pb2_grpc
+
+    path = tiny_model if request.param == "untied" else tiny_tied_model
+    root = tmp_path_factory.mktemp(f"rollout-{engine}-{request.param}")
+    (root / "shm").mkdir()
+    with service("rollout", path, root, "--engine", engine, "--shm-dir", str(root / "shm"),
+                 "--staging-dir", str(root), "--weights-dir", str(root)) as proc:
+        with RolloutClient(proc.address, retries=0) as client, grpc.insecure_channel(proc.address) as channel:
+            yield {"proc": proc, "path": path, "model": AutoModelForCausalLM.from_pretrained(path).eval(),
+                   "client": client, "root": root, "weights_dir": root, "tied": request.param == "tied",
+                   "stub": rollout_pb2_grpc.RolloutStub(channel)}

@@ -16,20 +16,6 @@ from tests.procs import service
 from topd_client import RolloutClient
 
 
-def _vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001 - any import failure means: not here
-        return False
-    import importlib.util
-
-    return importlib.util.find_spec("services.common.engine_vllm") is not None
-
-
-ENGINES = ["hf", pytest.param("vllm", marks=[pytest.mark.vllm,
-                                             pytest.mark.skipif(not _vllm_available(), reason="vllm not importable")])]
-
-
 def _load(path):
     from transformers import AutoModelForCausalLM
 
@@ -62,20 +48,6 @@ def serve(served, weights: dict[str, torch.Tensor] | None = None) -> int:
     assert client.update_weights(weights, version=version).version == version
     model.load_state_dict(weights, strict=False)
     return version
-
-
-@pytest.fixture(scope="module", params=ENGINES)
-def engine(request):
-    return request.param
-
-
-@pytest.fixture(scope="module", params=["untied", "tied"])
-def served(request, engine, tiny_model, tiny_tied_model, tmp_path_factory):
-    path = tiny_model if request.param == "untied" else tiny_tied_model
-    logs, weights_dir = tmp_path_factory.mktemp("logs"), tmp_path_factory.mktemp("weights")
-    with service("rollout", path, logs, "--engine", engine, "--weights-dir", str(weights_dir)) as proc:
-        yield {"proc": proc, "path": path, "model": _load(path), "client": RolloutClient(proc.address, retries=0),
-               "weights_dir": weights_dir}
 
 
 def test_greedy_equals_transformers_and_logprobs_match(served):
@@ -116,7 +88,7 @@ def test_checkpoint_dir_update(served):
     version = client.info().policy_version + 1
     new = _perturbed(model, seed=4242)
     ckpt = served["weights_dir"] / f"v{version}"
-    ckpt.mkdir()
+    ckpt.mkdir(exist_ok=True)
     save_file(new, ckpt / "model.safetensors")
     assert client.update_weights(ckpt, version=version).version == version
     model.load_state_dict(new, strict=False)

@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import ref_logprobs
 from tests.procs import service
-from tests.test_rollout_service import _load, _perturbed, engine  # noqa: F401 - engine: hf and vllm
+from tests.test_rollout_service import _load, _perturbed
 from topd_client import ConfigurationError, InvalidInputError, OverloadedError, PreconditionError, RolloutClient
 from topd_client.weights import WeightPayload
 from topd_client.wire.topd.v1 import common_pb2, rollout_pb2, rollout_pb2_grpc
@@ -76,18 +76,6 @@ def _raw_send(stub, payload: WeightPayload, update_id: str, start: int = 0, stop
 
 
 # ---------------------------------------------------------------- both engines, tied and untied
-
-@pytest.fixture(scope="module", params=["untied", "tied"])
-def served(request, engine, tiny_model, tiny_tied_model, tmp_path_factory):
-    path = tiny_model if request.param == "untied" else tiny_tied_model
-    root = tmp_path_factory.mktemp(f"ws-{engine}-{request.param}")
-    (root / "shm").mkdir()
-    with service("rollout", path, root, "--engine", engine, "--shm-dir", str(root / "shm"),
-                 "--staging-dir", str(root), "--weights-dir", str(root)) as proc:
-        with RolloutClient(proc.address, retries=0) as client, grpc.insecure_channel(proc.address) as channel:
-            yield {"proc": proc, "path": path, "model": _load(path), "client": client, "root": root,
-                   "stub": rollout_pb2_grpc.RolloutStub(channel), "tied": request.param == "tied"}
-
 
 def test_refused_updates_at_every_stage_leave_the_old_weights_and_version(served):
     client, stub, model = served["client"], served["stub"], served["model"]
@@ -162,13 +150,15 @@ def test_integer_weights_are_refused_by_the_sdk_too(served):
 def test_grpc_and_shm_serve_bit_identical_logprobs(served):
     client, model = served["client"], served["model"]
     version = client.info().policy_version
+    files_before = set((served["root"] / "shm").glob("topd-update-*"))  # other clients' files (a shared rollout)
     a, b = _perturbed(model, seed=21), _perturbed(model, seed=22)
     assert client.update_weights(a, version + 1, transport="grpc").transport == "grpc"
     via_grpc = _greedy(client)
     client.update_weights(b, version + 2, transport="shm")
     assert client.update_weights(a, version + 3, transport="shm").transport == "shm"
     _assert_same(via_grpc, _greedy(client), _noise(client))
-    assert len(list((served["root"] / "shm").glob("topd-update-*"))) == 1  # one file, rewritten in place
+    new_files = set((served["root"] / "shm").glob("topd-update-*")) - files_before
+    assert len(new_files) <= 1  # this client's one file, rewritten in place
 
 
 def test_a_tied_model_takes_an_identical_lm_head_copy(served):
