@@ -187,7 +187,7 @@ def test_each_student_shares_a_memory_volume_between_its_trainer_and_rollout(sta
         if role(name) == "rollout":
             assert spec["environment"]["TOPD_ROLLOUT_SHM_DIR"] == "/weights-shm", name
         if role(name) == "trainer":
-            assert spec["environment"]["TOPD_TRAINER_SHM_DIR"] == "/weights-shm", name
+            assert spec["environment"]["TOPD_TRAINER_WEIGHT_TRANSPORT"] == "shm", name
     trainers = [name for name in services if role(name) == "trainer"]
     assert len(users) == len(trainers)
     for source, names in users.items():
@@ -316,7 +316,8 @@ def test_compose_local_default_stack_as_local_processes():
     assert trainer.env["TOPD_TRAINER_TEACHER_ADDRESS"] == "127.0.0.1:40003"
     assert trainer.env["TOPD_TRAINER_ROLLOUT_ADDRESS"] == "127.0.0.1:40004"
     assert trainer.env["TOPD_TRAINER_OUTPUT_DIR"] == "/tmp/t/ckpt/student-0"
-    assert trainer.env["TOPD_TRAINER_SHM_DIR"] == services["rollout"].env["TOPD_ROLLOUT_SHM_DIR"] == "/tmp/t/shm"
+    assert services["rollout"].env["TOPD_ROLLOUT_SHM_DIR"] == "/tmp/t/shm"
+    assert trainer.env["TOPD_TRAINER_WEIGHT_TRANSPORT"] == "shm"
     assert trainer.env["TOPD_AUTH_TOKEN_FILE"] == teacher.env["TOPD_AUTH_TOKEN_FILE"] == "/tmp/t/auth/token"
     assert trainer.http_port == 40002
     assert trainer.depends_on == {"teacher": "service_healthy", "rollout": "service_healthy"}
@@ -441,7 +442,7 @@ def test_student_pod_holds_its_trainer_and_rollout(overlay):
     for container in pod["containers"]:
         assert {"name": "weights-shm", "mountPath": "/weights-shm"} in container["volumeMounts"], container["name"]
     config = objects["ConfigMap", "topd-config"]["data"]
-    assert config["TOPD_TRAINER_SHM_DIR"] == config["TOPD_ROLLOUT_SHM_DIR"] == "/weights-shm"
+    assert config["TOPD_ROLLOUT_SHM_DIR"] == "/weights-shm" and config["TOPD_TRAINER_WEIGHT_TRANSPORT"] == "shm"
     # its own output dir, resumed after a restart, and time to checkpoint on SIGTERM
     trainer_env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert trainer_env["TOPD_TRAINER_OUTPUT_DIR"] == "/checkpoints/student0"
