@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny local models built here (no hub) and an in-process transformers reference."""
+"""Shared fixtures: a private cache for the whole session, tiny local models built here (no hub) and an
+in-process transformers reference."""
 
 from __future__ import annotations
 
@@ -9,6 +10,28 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory) -> Path:
+    """Every test, and every process it starts, uses caches under pytest's tmp dir: the built-in models
+    ($TOPD_DATA_DIR) and the XDG cache, config and data dirs that vLLM, Hugging Face, W&B and
+    matplotlib write to. The user's ~/.cache is never read or written."""
+    root = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOPD_DATA_DIR", str(root / "topd"))
+        for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
+            mp.setenv(var, str(root / var.lower()))
+        mp.setenv("HF_HOME", str(root / "xdg_cache_home" / "huggingface"))
+        yield root
+
+
+@pytest.fixture(scope="session")
+def mini_models(private_caches):
+    """The `arith-mini` task's models and splits, prepared once per session (seconds)."""
+    from services.task.models import prepare_builtin
+
+    return prepare_builtin(task="arith-mini", progress=False)
 
 
 @pytest.fixture(scope="session")

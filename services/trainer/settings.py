@@ -174,6 +174,8 @@ class TrainerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="REST status bind address")
     http_port: int = Field(8003, ge=0, le=65535, description="REST status port (0 = any free port)")
     progress: bool = Field(True, description="Show a progress bar")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment tracking besides metrics.jsonl: tensorboard, wandb, mlflow")
     auth_token: str | None = Field(None, validation_alias=AliasChoices("auth_token", "TOPD_AUTH_TOKEN"),
                                    description="Shared auth token of the services")
 
