@@ -29,7 +29,7 @@ def private_caches(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mini_models(private_caches):
     """The `arith-mini` task's models and splits, prepared once per session (seconds)."""
-    from services.task.models import prepare_builtin
+    from services.task.prepare import prepare_builtin
 
     return prepare_builtin(task="arith-mini", progress=False)
 

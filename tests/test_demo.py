@@ -82,14 +82,14 @@ def test_demo_ctrl_c_shuts_services_down(tmp_path, mini_models):
 def test_plot_leaves_out_constant_curves_and_starts_at_step_0(tmp_path):
     from services.task.demo import plot_curves, smooth
 
-    rows = [{"step": s, "loss": 1.0 / s, "opd/reverse_kl": 0.5 / s, "topd/false_alarm_frac": 0.3,
-             "topd/mean_ot": 0.2 - 0.01 * s, "gt/auc": float("nan")} for s in range(1, 7)]
+    rows = [{"step": s, "loss": 1.0 / s, "opd/reverse_kl": 0.5 / s, "topd/false_alarm_frac": 0.3 - 0.01 * (s % 2),
+             "topd/mean_ot": 0.2 - 0.01 * s, "gt/auc": float("nan"), "gt/benign_frac": 0.0} for s in range(1, 7)]
     report = {"steps": 6, "eval_curve": [(0, 0.1), (3, 0.2), (6, 0.4)], "eval_problems": 32, "test_problems": 64,
               "accuracy_before": 0.12, "accuracy_after": 0.38, "teacher_accuracy": 0.99, "objective": "topd",
               "task": "arith-mini"}
     shown = plot_curves(rows, tmp_path / "c.png", report)
     assert (tmp_path / "c.png").stat().st_size > 1000
-    assert shown["detector"] == ["mean local OT"]  # false alarms: constant by construction; AUC: no value
+    assert shown["detector"] == ["mean local OT"]  # false alarms: fixed by divergent_frac; AUC: no value; benign: 0
     assert shown["training"] == ["loss (smoothed)", "reverse KL (sampled tokens) (smoothed)"]
     assert shown["accuracy_steps"][0] == 0
     np.testing.assert_allclose(smooth([2.0, 2.0, 2.0]), [2.0, 2.0, 2.0])  # debiased: no pull toward 0
@@ -105,7 +105,7 @@ def test_builtin_models_load_in_both_engines():
     from services.common.engine import SamplingSpec
     from services.common.engine_hf import HFEngine
     from services.common.engine_vllm import VLLMEngine
-    from services.task.models import prepare_builtin
+    from services.task.prepare import prepare_builtin
 
     built = prepare_builtin(progress=False)  # the full task's shipped weights, installed into the private cache
     prompt = np.asarray(HFEngine(str(built.teacher_dir)).tokenizer("Q: 123+456+789\n")["input_ids"], dtype=np.int32)

@@ -47,7 +47,7 @@ def _use_data_dir(path: Path | None) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from services.task.models import prepare_builtin
+    from services.task.prepare import prepare_builtin
 
     _use_data_dir(args.data_dir)
     built = prepare_builtin(seed=args.seed, task=args.task, rebuild=args.rebuild, progress=not args.no_progress)

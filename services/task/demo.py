@@ -24,7 +24,8 @@ import numpy as np
 
 from services.common.launch import free_port, service
 from services.task import arith
-from services.task.models import DEFAULT_PRESET, max_new_tokens_for, prepare_builtin, preset
+from services.task.models import DEFAULT_PRESET, max_new_tokens_for, preset, progress_bar
+from services.task.prepare import prepare_builtin
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,21 @@ def _checker(record: dict[str, Any], text: str) -> bool:
     return arith.check(arith.Problem.from_json(record), text)
 
 
-def evaluate(client, tokenizer, records: list[dict[str, Any]], max_tokens: int, generate_attr: str) -> float:
-    """Greedy accuracy through a service, measured as the trainer's evaluation measures it."""
+def evaluate(client, tokenizer, records: list[dict[str, Any]], max_tokens: int, generate_attr: str,
+             desc: str = "", progress: bool = False, chunk: int = 128) -> float:
+    """Greedy accuracy through a service, measured as the trainer's evaluation measures it (with a
+    progress bar named `desc`)."""
     from services.trainer import greedy_accuracy
 
     ids = [np.asarray(tokenizer(r["prompt"])["input_ids"], dtype=np.int32) for r in records]
-    acc, _ = greedy_accuracy(getattr(client, generate_attr), ids, records, _checker, tokenizer, max_tokens)
-    return acc
+    correct = 0.0
+    with progress_bar(len(records), desc, progress, unit="problem") as bar:
+        for lo in range(0, len(records), chunk):
+            acc, _ = greedy_accuracy(getattr(client, generate_attr), ids[lo:lo + chunk], records[lo:lo + chunk],
+                                     _checker, tokenizer, max_tokens)
+            correct += acc * len(records[lo:lo + chunk])
+            bar.update(len(records[lo:lo + chunk]))
+    return correct / max(len(records), 1)
 
 
 def _served_by(info) -> dict[str, str]:
@@ -120,11 +129,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         rollout = stack.enter_context(RolloutClient(rollout_proc.address, client_id="demo-eval"))
         engines = {"teacher": _served_by(teacher.info()), "rollout": _served_by(rollout.info())}
         t0 = time.perf_counter()
-        teacher_acc = evaluate(teacher, tokenizer, test, max_tokens, "generate")
+        teacher_acc = evaluate(teacher, tokenizer, test, max_tokens, "generate", "teacher, test", cfg.progress)
         timing["eval_teacher"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        before = evaluate(rollout, tokenizer, test, max_tokens, "continue_from")
-        before_val = evaluate(rollout, tokenizer, val, max_tokens, "continue_from")
+        before = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student, test", cfg.progress)
+        before_val = evaluate(rollout, tokenizer, val, max_tokens, "continue_from", "student, val (step 0)", cfg.progress)
         timing["eval_student_before"] = time.perf_counter() - t0
         print(f"test accuracy before: student {before:.1%}, teacher {teacher_acc:.1%} ({len(test)} problems)",
               flush=True)
@@ -140,7 +149,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         result = train(settings)
         timing["train"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from")
+        after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student after, test", cfg.progress)
         timing["eval_student_after"] = time.perf_counter() - t0
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     report = {
@@ -230,8 +239,7 @@ def _series(rows: list[dict[str, Any]], key: str) -> list[float]:
 
 
 def _varies(values: list[float]) -> bool:
-    """False for a series with no finite value or one value throughout: a curve that says nothing (the
-    false-alarm fraction, for one, is 1 - divergent_frac at every step by construction)."""
+    """False for a series with no finite value or one value throughout: a curve that says nothing."""
     finite = [v for v in values if math.isfinite(v)]
     return len(finite) > 0 and max(finite) > min(finite)
 
@@ -268,11 +276,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, report: dict[str, Any]) 
     ax.set(xlabel="step", title="training signal (faint: raw)")
     ax.legend()
     ax = axes[2]
-    for key, label in (("topd/false_alarm_frac", "false-alarm fraction"), ("topd/mean_ot", "mean local OT"),
-                       ("gt/auc", "detector AUC (ground truth)"), ("gt/benign_frac", "benign share of candidates")):
+    # not the false-alarm fraction: with divergent_frac it is 1 - divergent_frac at every step, up to rounding
+    for key, label in (("topd/mean_ot", "mean local OT"), ("gt/auc", "detector AUC (ground truth)"),
+                       ("gt/benign_frac", "benign share of candidates")):
         vals = _series(rows, key)
         if _varies(vals):
-            ax.plot(steps, vals, label=label)
+            ax.plot(steps, vals, marker="o", ms=3, label=label)  # markers: steps with no value break the line
             shown["detector"].append(label)
     ax.set(xlabel="step", title="near-future detector")
     if shown["detector"]:

@@ -12,7 +12,7 @@ import numpy as np
 from services.common.model_files import data_dir
 from services.task import arith
 from services.task.ground_truth import candidate_error_labels
-from services.task.models import BuiltinModels, prepare_builtin
+from services.task.prepare import BuiltinModels, prepare_builtin
 
 ROLES = ("teacher", "student")
 

@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from services.common.model_files import data_dir
-    from services.task.models import DEFAULT_PRESET, cache_key, preset
+    from services.task.models import DEFAULT_PRESET, preset
+    from services.task.prepare import cache_key
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("command", choices=["export"])
