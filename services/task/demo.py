@@ -118,7 +118,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
-        print(f"starting the teacher (hf) and rollout ({cfg.rollout_engine}) services on loopback...", flush=True)
+        print(f"starting the teacher (hf) and rollout ({cfg.rollout_engine}) services on loopback"
+              + (" (vLLM takes about a minute to start)..." if cfg.rollout_engine == "vllm" else "..."), flush=True)
         t0 = time.perf_counter()
         teacher_proc = stack.enter_context(service("teacher", names["teacher"], logs, "--engine", "hf"))
         timing["teacher_start"] = time.perf_counter() - t0
@@ -133,7 +134,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         timing["eval_teacher"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         before = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student, test", cfg.progress)
-        before_val = evaluate(rollout, tokenizer, val, max_tokens, "continue_from", "student, val (step 0)", cfg.progress)
+        before_val = evaluate(rollout, tokenizer, val, max_tokens, "continue_from", "student, val (step 0)",
+                              cfg.progress)
         timing["eval_student_before"] = time.perf_counter() - t0
         print(f"test accuracy before: student {before:.1%}, teacher {teacher_acc:.1%} ({len(test)} problems)",
               flush=True)

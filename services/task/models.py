@@ -228,7 +228,8 @@ def _load(model_dir_or_model, tokenizer):
 
 
 def generate_texts(model_dir_or_model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                   temperature: float = 0.0, batch_size: int = 256, seed: int = 0, desc: str | None = None) -> list[str]:
+                   temperature: float = 0.0, batch_size: int = 256, seed: int = 0,
+                   desc: str | None = None) -> list[str]:
     """Completions (text up to, not including, EOS) with transformers; greedy when temperature == 0.
     `desc`: show a progress bar of that name."""
     import torch

@@ -87,8 +87,9 @@ def _train_models(out: Path, cfg: BuildConfig, seed: int, splits: dict[str, list
 
     t0 = time.perf_counter()
     prompts = [p.prompt for p in splits["train"][: cfg.n_teacher_samples]]
-    texts = generate_texts(teacher, tokenizer, prompts, max_new_tokens_for(cfg.task), temperature=cfg.sample_temperature,
-                           seed=seed, desc="3/5 teacher samples" if progress else None)
+    texts = generate_texts(teacher, tokenizer, prompts, max_new_tokens_for(cfg.task),
+                           temperature=cfg.sample_temperature, seed=seed,
+                           desc="3/5 teacher samples" if progress else None)
     samples = list(zip(prompts, texts))
     sample_seconds = time.perf_counter() - t0
     with (out / "teacher_samples.jsonl").open("w") as f:
