@@ -23,6 +23,7 @@ def private_caches(tmp_path_factory) -> Path:
         for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
             mp.setenv(var, str(root / var.lower()))
         mp.setenv("HF_HOME", str(root / "xdg_cache_home" / "huggingface"))
+        mp.setenv("WANDB_CACHE_DIR", str(root / "xdg_cache_home" / "wandb"))  # wandb-symon ignores XDG
         yield root
 
 
