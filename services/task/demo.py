@@ -1,14 +1,16 @@
 """`topd demo`: distil the built-in teacher into the built-in student on this machine, end to end.
 
-Prepares (or reuses) the models, starts the teacher and rollout services as subprocesses on free
-loopback ports, measures the student and teacher on the test split, trains with TOPD (progress bar:
-step, KL, accuracy), measures again, and writes a run directory: metrics.jsonl, report.json,
-report.md, curves.png and the final student in Hugging Face format. The services are shut down on
-every exit path, Ctrl-C included.
+Prepares (or reuses) the task's models, starts the teacher (transformers) and rollout (vLLM by
+default) services as subprocesses on free loopback ports, naming their models `builtin:<task>/<role>`
+as a user would, measures the student and teacher on the test split, trains with TOPD on the task's
+default data (progress bar: step, KL, accuracy), measures again, and writes a run directory:
+metrics.jsonl, TensorBoard events (tb/), report.json, report.md, curves.png and the final student in
+Hugging Face format. The services are shut down on every exit path, Ctrl-C included.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -22,21 +24,23 @@ import numpy as np
 
 from services.common.launch import free_port, service
 from services.task import arith
-from services.task.models import max_new_tokens_for, prepare_builtin
+from services.task.models import DEFAULT_PRESET, max_new_tokens_for, preset, progress_bar
+from services.task.prepare import prepare_builtin
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo runs; `quick` is a short run for tests."""
+    """What the demo runs; `quick` is a short run (tests, smoke runs)."""
 
     quick: bool = False
-    data_dir: Path | None = None
+    task: str = DEFAULT_PRESET
     run_dir: Path = Path("runs/demo")
     objective: str = "topd"
     steps: int | None = None
-    rollout_engine: str = "hf"
+    rollout_engine: str = "vllm"
+    report_to: list[str] | None = None  # None: tensorboard when it is installed
     n_test: int | None = None
     seed: int = 0
     progress: bool = True
@@ -50,6 +54,15 @@ class DemoConfig:
     def test_size(self) -> int:
         return self.n_test if self.n_test is not None else (64 if self.quick else 1000)
 
+    @property
+    def eval_size(self) -> int:
+        return 32 if self.quick else 200
+
+    def tracking(self) -> list[str]:
+        if self.report_to is not None:
+            return list(self.report_to)
+        return ["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else []
+
 
 def _records(path: Path, n: int) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()[:n]]
@@ -59,12 +72,27 @@ def _checker(record: dict[str, Any], text: str) -> bool:
     return arith.check(arith.Problem.from_json(record), text)
 
 
-def evaluate(client, tokenizer, records: list[dict[str, Any]], max_tokens: int, generate_attr: str) -> float:
+def evaluate(client, tokenizer, records: list[dict[str, Any]], max_tokens: int, generate_attr: str,
+             desc: str = "", progress: bool = False, chunk: int = 128) -> float:
+    """Greedy accuracy through a service, measured as the trainer's evaluation measures it (with a
+    progress bar named `desc`)."""
     from services.trainer import greedy_accuracy
 
     ids = [np.asarray(tokenizer(r["prompt"])["input_ids"], dtype=np.int32) for r in records]
-    acc, _ = greedy_accuracy(getattr(client, generate_attr), ids, records, _checker, tokenizer, max_tokens)
-    return acc
+    correct = 0.0
+    with progress_bar(len(records), desc, progress, unit="problem") as bar:
+        for lo in range(0, len(records), chunk):
+            acc, _ = greedy_accuracy(getattr(client, generate_attr), ids[lo:lo + chunk], records[lo:lo + chunk],
+                                     _checker, tokenizer, max_tokens)
+            correct += acc * len(records[lo:lo + chunk])
+            bar.update(len(records[lo:lo + chunk]))
+    return correct / max(len(records), 1)
+
+
+def _served_by(info) -> dict[str, str]:
+    """What a service's GetInfo says serves it."""
+    return {"engine": info.engine, "device": info.device, "dtype": info.dtype, "model": info.model,
+            "revision": info.revision}
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -74,47 +102,70 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from services.trainer import load_settings, train
     from topd_client import RolloutClient, TeacherClient
 
-    t_start = time.time()
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    print("preparing the built-in task and models (cached after the first run)...", flush=True)
-    models = prepare_builtin(cfg.data_dir, seed=cfg.seed, progress=cfg.progress)
-    task_cfg = arith.TaskConfig(**{k: v for k, v in (models.info.get("config", {}).get("task") or {}).items()
-                                   if k in ("n_digits", "n_operands", "seed")})
-    max_tokens = max_new_tokens_for(task_cfg)
+    report_to = cfg.tracking()
+    print(f"preparing the built-in task {cfg.task!r} (cached after the first run)...", flush=True)
+    models = prepare_builtin(task=cfg.task, progress=cfg.progress)
+    timing["prepare"] = time.perf_counter() - t_start
+    names = {role: f"builtin:{cfg.task}/{role}" for role in ("teacher", "student")}
+    max_tokens = max_new_tokens_for(preset(cfg.task).task)
     tokenizer = AutoTokenizer.from_pretrained(models.student_dir)
     test = _records(models.test_jsonl, cfg.test_size)
+    val = _records(models.val_jsonl, cfg.eval_size)  # what the trainer evaluates on (the task's default eval data)
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
     with ExitStack() as stack:
-        print("starting teacher and rollout services on loopback...", flush=True)
-        teacher_proc = stack.enter_context(service("teacher", models.teacher_dir, logs, "--engine", "hf"))
-        rollout_proc = stack.enter_context(service("rollout", models.student_dir, logs, "--engine",
-                                                   cfg.rollout_engine))
+        print(f"starting the teacher (hf) and rollout ({cfg.rollout_engine}) services on loopback"
+              + (" (vLLM takes about a minute to start)..." if cfg.rollout_engine == "vllm" else "..."), flush=True)
+        t0 = time.perf_counter()
+        teacher_proc = stack.enter_context(service("teacher", names["teacher"], logs, "--engine", "hf"))
+        timing["teacher_start"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rollout_proc = stack.enter_context(service("rollout", names["student"], logs, "--engine", cfg.rollout_engine))
+        timing["rollout_start"] = time.perf_counter() - t0
         teacher = stack.enter_context(TeacherClient(teacher_proc.address, client_id="demo-eval"))
         rollout = stack.enter_context(RolloutClient(rollout_proc.address, client_id="demo-eval"))
-        teacher_acc = evaluate(teacher, tokenizer, test, max_tokens, "generate")
-        before = evaluate(rollout, tokenizer, test, max_tokens, "continue_from")
+        engines = {"teacher": _served_by(teacher.info()), "rollout": _served_by(rollout.info())}
+        t0 = time.perf_counter()
+        teacher_acc = evaluate(teacher, tokenizer, test, max_tokens, "generate", "teacher, test", cfg.progress)
+        timing["eval_teacher"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        before = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student, test", cfg.progress)
+        before_val = evaluate(rollout, tokenizer, val, max_tokens, "continue_from", "student, val (step 0)",
+                              cfg.progress)
+        timing["eval_student_before"] = time.perf_counter() - t0
         print(f"test accuracy before: student {before:.1%}, teacher {teacher_acc:.1%} ({len(test)} problems)",
               flush=True)
         settings = load_settings(None, [], **{
-            "student_model": str(models.student_dir), "teacher_address": teacher_proc.address,
-            "rollout_address": rollout_proc.address, "train_file": str(models.train_jsonl),
-            "eval_file": str(models.val_jsonl), "eval_size": 32 if cfg.quick else 200,
+            "student_model": names["student"], "teacher_address": teacher_proc.address,
+            "rollout_address": rollout_proc.address, "eval_size": cfg.eval_size,
             "eval_every": 2 if cfg.quick else 20, "output_dir": str(run_dir), "http_port": free_port(),
             "max_steps": cfg.max_steps, "objective": cfg.objective, "max_new_tokens": max_tokens,
-            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo", "task": "arith",
-            **_demo_defaults(cfg.quick), **cfg.train_overrides,
+            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo",
+            "overwrite": True,  # each demo is a new run in its run dir
+            "report_to": report_to, **_demo_defaults(cfg.quick), **cfg.train_overrides,
         })
+        t0 = time.perf_counter()
         result = train(settings)
-        after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from")
+        timing["train"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student after, test", cfg.progress)
+        timing["eval_student_after"] = time.perf_counter() - t0
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     report = {
-        "objective": cfg.objective, "steps": result.steps, "test_problems": len(test),
+        "objective": cfg.objective, "task": cfg.task, "steps": result.steps, "test_problems": len(test),
         "accuracy_before": before, "accuracy_after": after, "teacher_accuracy": teacher_acc,
-        "eval_curve": result.eval_accuracy, "diagnostics": _mean_diagnostics(rows),
-        "wall_s": round(time.time() - t_start, 1), "run_dir": str(run_dir), "final_model": str(result.final_model),
-        "models": {"teacher": str(models.teacher_dir), "student": str(models.student_dir)},
+        "eval_problems": len(val), "eval_curve": [(0, before_val), *result.eval_accuracy],
+        "diagnostics": _mean_diagnostics(rows), "engines": engines,
+        "tensorboard": f"tensorboard --logdir {run_dir / 'tb'}" if "tensorboard" in report_to else None,
+        "timing_s": {k: round(v, 1) for k, v in timing.items()},
+        "wall_s": round(time.perf_counter() - t_start, 1), "run_dir": str(run_dir),
+        "final_model": str(result.final_model),
+        "models": {"teacher": str(models.teacher_dir), "student": str(models.student_dir),
+                   "source": models.info.get("source", "trained")},
         "settings": settings.model_dump(mode="json", exclude={"auth_token"}),
     }
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
@@ -150,8 +201,10 @@ def _mean_diagnostics(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def format_report(r: dict[str, Any]) -> str:
+    served = ", ".join(f"{name}: {e['engine']} ({e['device']}, {e['dtype']})" for name, e in r["engines"].items())
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in r["timing_s"].items())
     lines = [
-        f"# topd demo: {r['objective']}, {r['steps']} steps, {r['wall_s']} s",
+        f"# topd demo: {r['objective']} on {r['task']}, {r['steps']} steps, {r['wall_s']} s",
         "",
         "| | test accuracy |",
         "|---|---|",
@@ -159,45 +212,85 @@ def format_report(r: dict[str, Any]) -> str:
         f"| student after | {r['accuracy_after']:.1%} |",
         f"| teacher | {r['teacher_accuracy']:.1%} |",
         "",
-        f"({r['test_problems']} test problems, greedy decoding)",
+        f"({r['test_problems']} test problems, greedy decoding; served by {served})",
         "",
         "| diagnostic (mean over steps) | value |",
         "|---|---|",
         *[f"| {k} | {v:.4g} |" for k, v in r["diagnostics"].items()],
         "",
+        f"time: {timing}",
         f"run directory: {r['run_dir']} (metrics.jsonl, curves.png, final model in {r['final_model']})",
     ]
+    if r.get("tensorboard"):
+        lines.append(f"curves in TensorBoard: {r['tensorboard']}")
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(rows: list[dict[str, Any]], path: Path, report: dict[str, Any]) -> None:
+def smooth(values: list[float], weight: float = 0.8) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start; NaNs are skipped."""
+    out, avg, n = np.full(len(values), np.nan), 0.0, 0
+    for i, v in enumerate(values):
+        if v is None or not math.isfinite(v):
+            continue
+        avg, n = weight * avg + (1 - weight) * v, n + 1
+        out[i] = avg / (1 - weight ** n)
+    return out
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> list[float]:
+    return [float(r[key]) if isinstance(r.get(key), (int, float)) else math.nan for r in rows]
+
+
+def _varies(values: list[float]) -> bool:
+    """False for a series with no finite value or one value throughout: a curve that says nothing."""
+    finite = [v for v in values if math.isfinite(v)]
+    return len(finite) > 0 and max(finite) > min(finite)
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, report: dict[str, Any]) -> dict[str, list]:
+    """Accuracy from step 0 against the teacher; loss and KL, raw and smoothed; the detector's curves
+    that vary. Returns what each panel shows (the accuracy curve's steps, the other panels' labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    axes[0].plot(steps, [r["opd/reverse_kl"] for r in rows], label="reverse KL (sampled tokens)")
-    axes[0].plot(steps, [r["loss"] for r in rows], label="loss", alpha=0.7)
-    axes[0].set_xlabel("step")
-    axes[0].legend()
+    shown: dict[str, list] = {"accuracy_steps": [], "training": [], "detector": []}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
     ev = report.get("eval_curve") or []
     if ev:
-        axes[1].plot([s for s, _ in ev], [a for _, a in ev], marker="o", label="student (val)")
-    axes[1].axhline(report["teacher_accuracy"], color="gray", ls="--", label="teacher (test)")
-    axes[1].set_ylim(0, 1)
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("accuracy")
-    axes[1].legend()
-    for key, label in (("topd/false_alarm_frac", "false-alarm fraction"), ("topd/mean_ot", "mean local OT"),
-                       ("gt/auc", "detector AUC (ground truth)")):
-        vals = [r.get(key) for r in rows]
-        if any(isinstance(v, (int, float)) for v in vals):
-            axes[2].plot(steps, [v if isinstance(v, (int, float)) else np.nan for v in vals], label=label)
-    axes[2].set_xlabel("step")
-    axes[2].legend()
-    fig.suptitle(f"topd demo ({report['objective']})")
+        ax.plot([s for s, _ in ev], [a for _, a in ev], marker="o", label=f"student ({report['eval_problems']} val)")
+        shown["accuracy_steps"] = [s for s, _ in ev]
+    ax.plot([0, report["steps"]], [report["accuracy_before"], report["accuracy_after"]], "s", color="C1",
+            label=f"student ({report['test_problems']} test)")
+    ax.axhline(report["teacher_accuracy"], color="gray", ls="--", label="teacher (test)")
+    ax.set(ylim=(0, 1.02), xlim=(-0.5, max(report["steps"], 1) + 0.5), xlabel="step", ylabel="greedy accuracy",
+           title="accuracy (step 0 = before training)")
+    ax.legend(loc="lower right")
+    ax = axes[1]
+    for i, (key, label) in enumerate((("loss", "loss"), ("opd/reverse_kl", "reverse KL (sampled tokens)"))):
+        vals = _series(rows, key)
+        if _varies(vals):
+            ax.plot(steps, vals, color=f"C{i}", alpha=0.3, lw=1)
+            ax.plot(steps, smooth(vals), color=f"C{i}", lw=2, label=f"{label} (smoothed)")
+            shown["training"].append(f"{label} (smoothed)")
+    ax.set(xlabel="step", title="training signal (faint: raw)")
+    ax.legend()
+    ax = axes[2]
+    # not the false-alarm fraction: with divergent_frac it is 1 - divergent_frac at every step, up to rounding
+    for key, label in (("topd/mean_ot", "mean local OT"), ("gt/auc", "detector AUC (ground truth)"),
+                       ("gt/benign_frac", "benign share of candidates")):
+        vals = _series(rows, key)
+        if _varies(vals):
+            ax.plot(steps, vals, marker="o", ms=3, label=label)  # markers: steps with no value break the line
+            shown["detector"].append(label)
+    ax.set(xlabel="step", title="near-future detector")
+    if shown["detector"]:
+        ax.legend()
+    fig.suptitle(f"topd demo: {report['objective']} on {report['task']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return shown

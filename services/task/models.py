@@ -1,37 +1,25 @@
-"""Teacher and student for the built-in task: tokenizer, training, warm-up, cache, evaluation.
+"""Teacher and student for the built-in task: specs and presets, tokenizer, training, generation,
+evaluation. `services/task/prepare.py` turns a preset into a cache entry.
 
-`prepare_builtin` builds (or reuses) a cache directory holding, in Hugging Face format:
-
-    teacher/   Qwen2ForCausalLM trained from scratch on rendered solutions (mixed surface forms)
-    student/   a much smaller Qwen2 warmed up on teacher samples (stage 1: off-policy distillation)
-               to a weak start, 20-50% greedy accuracy
-    train.jsonl, val.jsonl, test.jsonl, teacher_samples.jsonl, build.json (sizes, times, accuracies)
-
-Creation is deterministic in the seed (data order, init and sampling are seeded; training stops on
-step counts and on seeded evaluations, never on wall-clock time). A file lock keeps two processes
-from building at once, and the build happens in a temporary directory renamed into place.
+Two presets, each a task of its own (services/task/plugin.py): `arith`, the full task, and
+`arith-mini`, a miniature that prepares in seconds (smoke runs and the test suite).
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
-import os
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from services.common.model_files import data_dir as default_data_dir
 from services.task import arith
 from services.task.arith import Problem, TaskConfig
+from topd_client.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 3
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 UNK = "<|unk|>"
@@ -63,7 +51,7 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """Everything `prepare_builtin` builds; the cache key hashes the version and the seed."""
+    """Everything `prepare_builtin` builds; the cache key is the preset, the version and the seed."""
 
     task: TaskConfig = TaskConfig()
     teacher: ModelSpec = ModelSpec(hidden_size=192, num_layers=4, num_heads=3, intermediate_size=512)
@@ -80,18 +68,29 @@ class BuildConfig:
     threads: int = 2
 
 
-@dataclass(frozen=True)
-class BuiltinModels:
-    """Paths of a prepared cache entry."""
+_MINI_MODEL = ModelSpec(hidden_size=64, num_layers=1, num_heads=1, intermediate_size=128)
 
-    teacher_dir: Path
-    student_dir: Path
-    data_dir: Path
-    train_jsonl: Path
-    val_jsonl: Path
-    test_jsonl: Path
-    teacher_samples_jsonl: Path = field(default=Path())
-    info: dict = field(default_factory=dict)
+# The built-in task's presets, by task name (each a plugin: services/task/plugin.py).
+PRESETS: dict[str, BuildConfig] = {
+    "arith": BuildConfig(),
+    # A miniature of the whole pipeline that prepares in seconds (smoke runs, the test suite): sums of three
+    # 1-digit numbers, one-layer models, small splits, one thread (two threads of a model this small spend
+    # their time waiting for each other). Its teacher is weak (~20-40%) and its student weaker (~5%):
+    # what it checks is the plumbing.
+    "arith-mini": BuildConfig(
+        task=TaskConfig(n_digits=1, n_operands=3), teacher=_MINI_MODEL, student=_MINI_MODEL,
+        teacher_train=TrainSpec(max_steps=500, batch_size=32, lr=5e-3, warmup_steps=20, eval_every=500),
+        student_warmup=TrainSpec(max_steps=100, batch_size=16, lr=3e-3, warmup_steps=10, eval_every=100),
+        n_train=400, n_val=32, n_test=64, n_eval_during_training=16, n_teacher_samples=256, threads=1),
+}
+DEFAULT_PRESET = "arith"
+
+
+def preset(name: str) -> BuildConfig:
+    """The BuildConfig of a built-in preset; an unknown name lists the known ones."""
+    if name not in PRESETS:
+        raise ConfigurationError(f"unknown built-in task {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -168,10 +167,18 @@ def _encode_examples(tokenizer, prompts: Sequence[str], responses: Sequence[str]
     return ids_BL, mask_BL, labels_BL
 
 
+def progress_bar(total: int, desc: str, progress: bool, unit: str = "step"):
+    """A tqdm bar with an ETA (on stderr; disabled when progress is False)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+
+
 def train_sft(model, tokenizer, batch_fn: Callable[[int], tuple[list[str], list[str]]], spec: TrainSpec,
-              eval_fn: Callable[[], float] | None = None, seed: int = 0, progress: bool = False) -> list[dict]:
+              eval_fn: Callable[[], float] | None = None, seed: int = 0, progress: bool = False,
+              desc: str = "train") -> list[dict]:
     """Cross-entropy on responses. batch_fn(step) -> (prompts, responses). Returns the eval history
-    [{"step", "seconds", "acc", "loss"}]; stops early once eval accuracy >= spec.stop_at_acc."""
+    [{"step", "seconds", "cpu_seconds", "acc", "loss"}]; stops early once eval accuracy >= spec.stop_at_acc."""
     import torch
 
     torch.manual_seed(seed)
@@ -179,27 +186,29 @@ def train_sft(model, tokenizer, batch_fn: Callable[[int], tuple[list[str], list[
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup_steps)
                                               * (1.0 - (1.0 - spec.final_lr_frac) * s / spec.max_steps))
     history, t0, c0, losses = [], time.perf_counter(), time.process_time(), []
-    for step in range(1, spec.max_steps + 1):
-        model.train()
-        ids_BL, mask_BL, labels_BL = _encode_examples(tokenizer, *batch_fn(step))
-        loss = model(input_ids=ids_BL, attention_mask=mask_BL, labels=labels_BL).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if eval_fn is not None and (step % spec.eval_every == 0 or step == spec.max_steps):
-            acc = eval_fn()
-            row = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
-                   "cpu_seconds": round(time.process_time() - c0, 1), "acc": acc,
-                   "loss": round(sum(losses) / len(losses), 4)}
-            losses = []
-            history.append(row)
-            if progress:
-                log.info("train %s", row)
-            if acc >= spec.stop_at_acc:
-                break
+    with progress_bar(spec.max_steps, desc, progress) as bar:
+        for step in range(1, spec.max_steps + 1):
+            model.train()
+            ids_BL, mask_BL, labels_BL = _encode_examples(tokenizer, *batch_fn(step))
+            loss = model(input_ids=ids_BL, attention_mask=mask_BL, labels=labels_BL).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+            if eval_fn is not None and (step % spec.eval_every == 0 or step == spec.max_steps):
+                acc = eval_fn()
+                row = {"step": step, "seconds": round(time.perf_counter() - t0, 1),
+                       "cpu_seconds": round(time.process_time() - c0, 1), "acc": acc,
+                       "loss": round(sum(losses) / len(losses), 4)}
+                losses = []
+                history.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", val_acc=f"{acc:.2f}")
+                log.debug("%s %s", desc, row)
+                if acc >= spec.stop_at_acc:
+                    break
     model.eval()
     return history
 
@@ -219,13 +228,16 @@ def _load(model_dir_or_model, tokenizer):
 
 
 def generate_texts(model_dir_or_model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
-                   temperature: float = 0.0, batch_size: int = 256, seed: int = 0) -> list[str]:
-    """Completions (text up to, not including, EOS) with transformers; greedy when temperature == 0."""
+                   temperature: float = 0.0, batch_size: int = 256, seed: int = 0,
+                   desc: str | None = None) -> list[str]:
+    """Completions (text up to, not including, EOS) with transformers; greedy when temperature == 0.
+    `desc`: show a progress bar of that name."""
     import torch
 
     model, tokenizer = _load(model_dir_or_model, tokenizer)
     tokenizer.padding_side = "left"
     out: list[str] = []
+    bar = progress_bar(len(prompts), desc or "", desc is not None, unit="prompt")
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start: start + batch_size])
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -240,11 +252,13 @@ def generate_texts(model_dir_or_model, tokenizer, prompts: Sequence[str], max_ne
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id)]
             out.append(tokenizer.decode([t for t in row if t != tokenizer.pad_token_id]))
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
 def evaluate(model_dir_or_model, tokenizer, problems: Sequence[Problem], batch_size: int = 256,
-             max_new_tokens: int | None = None) -> float:
+             max_new_tokens: int | None = None, desc: str | None = None) -> float:
     """Greedy accuracy (the checker on the final answer) with transformers, batched, left padding."""
     if not problems:
         return 0.0
@@ -252,7 +266,7 @@ def evaluate(model_dir_or_model, tokenizer, problems: Sequence[Problem], batch_s
         p = problems[0]
         max_new_tokens = max_new_tokens_for(TaskConfig(n_digits=p.n_digits, n_operands=len(p.operands)))
     texts = generate_texts(model_dir_or_model, tokenizer, [p.prompt for p in problems], max_new_tokens,
-                           temperature=0.0, batch_size=batch_size)
+                           temperature=0.0, batch_size=batch_size, desc=desc)
     return sum(arith.check(p, t) for p, t in zip(problems, texts)) / len(problems)
 
 
@@ -277,108 +291,3 @@ def _sample_batches(samples: Sequence[tuple[str, str]], batch_size: int, seed: i
         chosen = [rng.choice(samples) for _ in range(batch_size)]
         return [c[0] for c in chosen], [c[1] for c in chosen]
     return batch_fn
-
-
-def sample_teacher(teacher, tokenizer, problems: Sequence[Problem], cfg: BuildConfig, seed: int) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs sampled from the teacher at cfg.sample_temperature."""
-    prompts = [p.prompt for p in problems]
-    texts = generate_texts(teacher, tokenizer, prompts, max_new_tokens_for(cfg.task),
-                           temperature=cfg.sample_temperature, seed=seed)
-    return list(zip(prompts, texts))
-
-
-def _build(out: Path, cfg: BuildConfig, seed: int, progress: bool) -> dict:
-    import torch
-
-    torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
-    task = TaskConfig(n_digits=cfg.task.n_digits, n_operands=cfg.task.n_operands, seed=seed)
-    splits = arith.make_splits(task, cfg.n_train, cfg.n_val, cfg.n_test)
-    for name, problems in splits.items():
-        arith.write_jsonl(problems, out / f"{name}.jsonl")
-    tokenizer = build_tokenizer()
-    val_small = splits["val"][: cfg.n_eval_during_training]
-
-    teacher = build_model(cfg.teacher, tokenizer, seed)
-    t0 = time.perf_counter()
-    teacher_hist = train_sft(teacher, tokenizer, _rendered_batches(splits["train"], cfg.teacher_train.batch_size, seed),
-                             cfg.teacher_train, lambda: evaluate(teacher, tokenizer, val_small), seed, progress)
-    teacher_seconds = time.perf_counter() - t0
-    teacher_acc = evaluate(teacher, tokenizer, splits["test"])
-    if progress:
-        log.info("teacher: %d params, %.0f s, test acc %.3f", n_params(teacher), teacher_seconds, teacher_acc)
-
-    t0 = time.perf_counter()
-    samples = sample_teacher(teacher, tokenizer, splits["train"][: cfg.n_teacher_samples], cfg, seed)
-    sample_seconds = time.perf_counter() - t0
-    with (out / "teacher_samples.jsonl").open("w") as f:
-        for prompt, completion in samples:
-            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
-
-    student = build_model(cfg.student, tokenizer, seed + 1)
-    t0 = time.perf_counter()
-    student_hist = train_sft(student, tokenizer, _sample_batches(samples, cfg.student_warmup.batch_size, seed + 1),
-                             cfg.student_warmup, lambda: evaluate(student, tokenizer, val_small), seed + 1, progress)
-    student_seconds = time.perf_counter() - t0
-    student_acc = evaluate(student, tokenizer, splits["test"])
-    if progress:
-        log.info("student: %d params, warm-up %.0f s, test acc %.3f", n_params(student), student_seconds, student_acc)
-
-    for name, model in (("teacher", teacher), ("student", student)):
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(out / name, safe_serialization=True)
-        tokenizer.save_pretrained(out / name)
-    info = {
-        "version": CACHE_VERSION, "seed": seed, "config": asdict(cfg),
-        "teacher": {"params": n_params(teacher), "train_seconds": round(teacher_seconds, 1),
-                    "test_acc": teacher_acc, "history": teacher_hist},
-        "teacher_samples": {"n": len(samples), "seconds": round(sample_seconds, 1),
-                            "acc": sum(arith.check(p, c) for p, (_, c) in zip(splits["train"], samples)) / len(samples)},
-        "student": {"params": n_params(student), "warmup_seconds": round(student_seconds, 1),
-                    "test_acc": student_acc, "history": student_hist},
-        "total_seconds": round(time.perf_counter() - t_start, 1),
-    }
-    (out / "build.json").write_text(json.dumps(info, indent=1))
-    return info
-
-
-def _entry(root: Path, info: dict) -> BuiltinModels:
-    return BuiltinModels(teacher_dir=root / "teacher", student_dir=root / "student", data_dir=root,
-                         train_jsonl=root / "train.jsonl", val_jsonl=root / "val.jsonl", test_jsonl=root / "test.jsonl",
-                         teacher_samples_jsonl=root / "teacher_samples.jsonl", info=info)
-
-
-def prepare_builtin(data_dir: Path | None = None, seed: int = 0, progress: bool = True,
-                    config: BuildConfig = BuildConfig()) -> BuiltinModels:
-    """Build the teacher, the warmed-up student and the splits, or reuse them when cached.
-
-    The entry lives in data_dir (default ~/.cache/topd) under builtin-v{version}-seed{seed}
-    (plus a suffix when config differs from the default)."""
-    root = Path(data_dir or default_data_dir()).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    key = f"builtin-v{CACHE_VERSION}-seed{seed}"
-    if config != BuildConfig():
-        key += "-" + _config_hash(config)
-    final = root / key
-    if (final / "build.json").exists():
-        return _entry(final, json.loads((final / "build.json").read_text()))
-    with (root / f".{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same entry
-        if (final / "build.json").exists():
-            return _entry(final, json.loads((final / "build.json").read_text()))
-        tmp = root / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            info = _build(tmp, config, seed, progress)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return _entry(final, info)
-
-
-def _config_hash(config: BuildConfig) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]

@@ -1,5 +1,6 @@
-"""The built-in arithmetic task as a plugin (entry point `topd.tasks: arith`): models, data, checker,
-ground truth. The services and the trainer find it by name; neither imports this package."""
+"""The built-in arithmetic task as plugins (entry points `topd.tasks`: `arith`, and `arith-mini`, its
+miniature): models, data, checker, ground truth. The services and the trainer find them by name;
+neither imports this package."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from services.common.model_files import data_dir
 from services.task import arith
 from services.task.ground_truth import candidate_error_labels
-from services.task.models import BuiltinModels, prepare_builtin
+from services.task.prepare import BuiltinModels, prepare_builtin
 
 ROLES = ("teacher", "student")
 
@@ -23,13 +24,14 @@ class ArithTask:
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
-        self._built: BuiltinModels | None = None
+        self._built: dict[Path, BuiltinModels] = {}
 
     def built(self) -> BuiltinModels:
-        """The prepared cache entry under $TOPD_DATA_DIR (built on first use, ~12 min on 2 cores)."""
-        if self._built is None:
-            self._built = prepare_builtin(data_dir(), seed=self.seed)
-        return self._built
+        """The prepared cache entry under $TOPD_DATA_DIR (installed or built on first use)."""
+        root = data_dir()
+        if root not in self._built:
+            self._built[root] = prepare_builtin(root, seed=self.seed, task=self.name)
+        return self._built[root]
 
     def model_dir(self, role: str) -> Path:
         if role not in ROLES:
@@ -50,3 +52,10 @@ class ArithTask:
         if not all("operands" in r or arith.is_prompt(r.get("prompt", "")) for r in records):
             return None
         return candidate_error_labels(records, responses, rows, cols, tokenizer)
+
+
+class ArithMiniTask(ArithTask):
+    """A miniature of `arith` that prepares in seconds: a smoke run of the whole pipeline
+    (`topd demo --quick --task arith-mini`, `builtin:arith-mini/teacher`) and the test suite's models."""
+
+    name = "arith-mini"
