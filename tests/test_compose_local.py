@@ -48,10 +48,12 @@ def test_default_stack_reaches_first_training_step(tmp_path):
             procs.append(proc)
             wait_ready(svc.ready_url, proc, log, timeout=600)
         status_url = services["trainer"].ready_url.replace("/readyz", "/status")
+        token = (tmp_path / "auth" / "token").read_text().strip()  # the token service generated it
+        assert httpx.get(status_url, timeout=5).status_code == 401  # /status is not open to anyone
         deadline = time.monotonic() + 600
         status = {}
         while time.monotonic() < deadline:
-            status = httpx.get(status_url, timeout=5).json()
+            status = httpx.get(status_url, timeout=5, headers={"Authorization": f"Bearer {token}"}).json()
             if status.get("step", 0) >= 1:
                 break
             assert procs[-1].poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
