@@ -146,7 +146,9 @@ def test_rollout_killed_and_restarted(models, teacher, reference, tmp_path):
         finish(proc, log)
         got = check_run(out, reference)
         text = log.read_text()
-        assert "lost the trainer's weights" in text or "pushing again" in text, text[-3000:]
+        # killed between pushes it re-pushes on return; killed during a push, that push waits and lands
+        assert ("lost the trainer's weights" in text or "pushing again" in text
+                or "answers again" in text), text[-3000:]
         assert all(r["sample_version_min"] >= r["policy_version"] - 2 for r in got)
     finally:
         stop(rollout.proc)
