@@ -9,6 +9,7 @@ The plan, every method trained from the same warmed-up student against the same 
 
 1. **Sweep.** Each method at every learning rate of its grid, seed 0, `steps` steps; its learning rate
    is the one with the best accuracy on the validation split at the end (the test split never chooses).
+   When the best is at an edge of the grid, the grid grows beyond it (up to twice).
 2. **Seeds.** Each method at its learning rate, seeds 0..S-1 (the sweep's seed-0 run is reused).
 3. **Budgets.** The reference method's (`--reference`) mean wall-clock and teacher tokens at `steps`
    are the budgets. Each method gets runs planned for each budget: max_steps = budget / its own cost
@@ -48,6 +49,7 @@ ON_POLICY_LRS = (2.5e-4, 5e-4, 1e-3)
 SFT_LRS = (5e-4, 1e-3, 2e-3)
 BEGIN, END = "<!-- quality:begin (python -m bench.quality) -->", "<!-- quality:end -->"
 REUSE_WITHIN = 0.15  # a budget plan within 15% of `steps` reuses the `steps` runs
+MAX_EXTENSIONS = 2  # grid points added beyond an edge that holds the best lr
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,20 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 10_000, level: float = 0
 def paired_differences(a: dict[int, float], b: dict[int, float]) -> list[float]:
     """a[s] - b[s] for every seed s that both have."""
     return [a[s] - b[s] for s in sorted(set(a) & set(b))]
+
+
+def extend_grid(lrs: Sequence[float], val: dict[float, float]) -> float | None:
+    """The next learning rate to try when the best of a sorted geometric grid is at its edge (the grid's
+    ratio beyond that edge; ties go to the smaller lr), else None: a method's best lr must be inside."""
+    if len(lrs) < 2:
+        return None
+    best = max(lrs, key=lambda lr: (val[lr], -lr))
+    ratio = lrs[1] / lrs[0]
+    if best == lrs[0]:
+        return lrs[0] / ratio
+    if best == lrs[-1]:
+        return lrs[-1] * ratio
+    return None
 
 
 def steps_cpu_s(marks: Sequence[float]) -> float:
@@ -282,10 +298,15 @@ def run_plan(bench: Bench, plan: Plan, only_steps: bool = False) -> dict[str, An
     `only_steps` stops after the runs at `steps` (to fill the cache from several processes at once)."""
     best_lr, sweep = {}, {}
     for method in plan.methods:
-        runs = {lr: bench.result(RunKey(method, lr, 0, plan.steps), with_val=len(plan.lrs(method)) > 1)
-                for lr in plan.lrs(method)}
-        sweep[method] = {lr: r.get("val_acc") for lr, r in runs.items()}
-        best_lr[method] = max(runs, key=lambda lr: runs[lr].get("val_acc", 0.0))
+        grid = sorted(plan.lrs(method))
+        runs = {lr: bench.result(RunKey(method, lr, 0, plan.steps), with_val=len(grid) > 1) for lr in grid}
+        for _ in range(MAX_EXTENSIONS):  # the best at an edge of the grid: one more point beyond it
+            nxt = extend_grid(sorted(runs), {lr: r["val_acc"] for lr, r in runs.items()})
+            if nxt is None:
+                break
+            runs[nxt] = bench.result(RunKey(method, nxt, 0, plan.steps), with_val=True)
+        sweep[method] = {lr: r.get("val_acc") for lr, r in sorted(runs.items())}
+        best_lr[method] = max(runs, key=lambda lr: (runs[lr].get("val_acc", 0.0), -lr))
 
     def each_seed(steps_of: dict[str, int]) -> dict[str, dict[int, dict[str, Any]]]:
         done: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in plan.methods}

@@ -6,8 +6,8 @@ import statistics
 
 import pytest
 
-from bench.quality import (BEGIN, END, REUSE_WITHIN, bootstrap_ci, paired_differences, planned_steps,
-                           steps_cpu_s, write_between_markers)
+from bench.quality import (BEGIN, END, REUSE_WITHIN, bootstrap_ci, extend_grid, paired_differences,
+                           planned_steps, steps_cpu_s, write_between_markers)
 
 
 def test_bootstrap_ci_by_hand() -> None:
@@ -25,6 +25,14 @@ def test_bootstrap_ci_by_hand() -> None:
 
 def test_paired_differences_match_seeds() -> None:
     assert paired_differences({0: 0.8, 1: 0.6, 2: 0.9}, {1: 0.5, 0: 0.7}) == pytest.approx([0.1, 0.1])
+
+
+def test_extend_grid_until_the_best_lr_is_inside() -> None:
+    grid = [2.5e-4, 5e-4, 1e-3]
+    assert extend_grid(grid, {2.5e-4: 0.72, 5e-4: 0.65, 1e-3: 0.56}) == pytest.approx(1.25e-4)
+    assert extend_grid(grid, {2.5e-4: 0.70, 5e-4: 0.75, 1e-3: 0.80}) == pytest.approx(2e-3)
+    assert extend_grid(grid, {2.5e-4: 0.70, 5e-4: 0.80, 1e-3: 0.80}) is None  # tie: the smaller, inside
+    assert extend_grid([1e-3], {1e-3: 0.5}) is None  # one lr: nothing to sweep
 
 
 def test_steps_cpu_s_leaves_the_start_out() -> None:
