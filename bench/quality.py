@@ -1,303 +1,474 @@
-"""Quality benchmark: OPD vs its suppression variants vs TOPD vs off-policy SFT on the built-in task.
+"""Quality benchmark: the OPD estimators x (OPD, TOPD) and off-policy SFT on the built-in task, compared
+at equal steps, equal wall-clock and equal teacher tokens, over seeds.
 
-    python -m bench.quality                       # full: 3 seeds, 1000 test problems (~30-40 min on 2 cores)
-    python -m bench.quality --quick               # smoke: 1 seed, few steps, 100 problems
+    python -m bench.quality                  # the full plan: every method, lr sweep, 5 seeds (hours on 2 cores)
+    python -m bench.quality --quick          # smoke: 2 methods + SFT, 2 seeds, 4 steps (a few minutes)
+    python -m bench.quality --methods opd:full,sft --seeds 3 --steps 60
 
-Every method starts from the same warmed-up student and trains against the same teacher service.
-Each is compared at the same number of steps and at the same wall-clock budget (the budget is OPD's
-mean time for those steps), by greedy test accuracy on held-out problems. The near-future
-diagnostics of each final student are measured the same way for every method (one zero-lr probe
-step with the detector on), and the detector is scored against the task's ground-truth labels.
-Writes docs/results.md (table beside the paper's numbers), results.json and a PNG.
+The plan, every method trained from the same warmed-up student against the same teacher service:
+
+1. **Sweep.** Each method at every learning rate of its grid, seed 0, `steps` steps; its learning rate
+   is the one with the best accuracy on the validation split at the end (the test split never chooses).
+   When the best is at an edge of the grid, the grid grows beyond it (up to twice).
+2. **Seeds.** Each method at its learning rate, seeds 0..S-1 (the sweep's seed-0 run is reused).
+3. **Budgets.** The reference method's (`--reference`) mean wall-clock and teacher tokens at `steps`
+   are the budgets. Each method gets runs planned for each budget: max_steps = budget / its own cost
+   per step (measured in its runs), so its learning-rate schedule ends at the budget; a plan within 15%
+   of `steps` reuses the `steps` runs.
+4. **Test.** Greedy accuracy of every final student on the test split; mean and a 95% bootstrap
+   interval over seeds, and differences to SFT paired by seed.
+
+Methods are `objective:estimator` (objective: opd, topd, opd_suppress, opd_suppress_control;
+estimator: sampled, student_topk, teacher_topk, full) or `sft` (cross-entropy on samples the teacher
+service generates for the step's prompts at temperature 1, the same P x n per step; its cost includes
+that generation). Wall-clock is the sum of the steps' times (no evaluation, no start-up); teacher tokens
+are the positions the teacher ran on: scored response tokens, plus TOPD's teacher windows (candidates x
+K), or SFT's generated tokens. Every finished run is cached in `--work` (result.json): an interrupted
+bench continues where it stopped. Writes the tables into docs/results.md between its markers.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import random
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from bench.common import machine_line, parser, quiet_libraries, set_threads
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["opd", "opd_suppress", "opd_suppress_control", "topd"]
-PAPER = {  # method doc, section 6 (AIME24/25, HMMT25 average Pass@1; OT distance after training)
-    "opd": {"avg": 47.8, "ot_after": 0.350}, "opd_suppress": {"avg": 48.2}, "opd_suppress_control": {"avg": 42.1},
-    "topd": {"avg": 52.2, "ot_after": 0.204}, "before": {"ot": 0.538}, "overhead": 1.41,
-}
+ESTIMATORS = ("sampled", "student_topk", "teacher_topk", "full")
+ALL_METHODS = tuple(f"{o}:{e}" for o in ("opd", "topd") for e in ESTIMATORS) + ("sft",)
+ON_POLICY_LRS = (2.5e-4, 5e-4, 1e-3)
+SFT_LRS = (5e-4, 1e-3, 2e-3)
+BEGIN, END = "<!-- quality:begin (python -m bench.quality) -->", "<!-- quality:end -->"
+REUSE_WITHIN = 0.15  # a budget plan within 15% of `steps` reuses the `steps` runs
+MAX_EXTENSIONS = 2  # grid points added beyond an edge that holds the best lr
 
 
 @dataclass(frozen=True)
 class Plan:
+    """What the bench runs; `full` and `quick` are the two presets."""
+
+    methods: tuple[str, ...] = ALL_METHODS
+    steps: int = 100
+    seeds: int = 5
+    on_policy_lrs: tuple[float, ...] = ON_POLICY_LRS
+    sft_lrs: tuple[float, ...] = SFT_LRS
+    reference: str = "opd:sampled"
+    n_test: int = 1000
+    n_val: int = 500
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def lrs(self, method: str) -> tuple[float, ...]:
+        return self.sft_lrs if method == "sft" else self.on_policy_lrs
+
+
+QUICK = Plan(methods=("opd:sampled", "opd:full", "sft"), steps=4, seeds=2, on_policy_lrs=(5e-4,), sft_lrs=(1e-3,),
+             n_test=100, n_val=50, prompts_per_step=4)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    method: str
+    lr: float
+    seed: int
     steps: int
-    seeds: list[int]
-    snapshot_every: int
-    n_test: int
-    prompts_per_step: int
-    samples_per_prompt: int
-    overrides: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return f"{self.method.replace(':', '-')}-lr{self.lr:g}-s{self.seed}-n{self.steps}"
 
 
-def _trainer_settings(models, teacher, rollout, out: Path, method: str, seed: int, plan: Plan, **extra):
-    from services.common.launch import free_port
-    from services.task.models import max_new_tokens_for
-    from services.trainer import load_settings
-
-    from services.task.arith import TaskConfig
-
-    return load_settings(None, [], **{
-        "student_model": str(models.student_dir), "teacher_address": teacher.address,
-        "rollout_address": rollout.address, "train_file": str(models.train_jsonl), "output_dir": str(out),
-        "http_port": free_port(), "max_steps": plan.steps, "objective": method, "seed": seed,
-        "prompts_per_step": plan.prompts_per_step, "samples_per_prompt": plan.samples_per_prompt,
-        "max_new_tokens": max_new_tokens_for(TaskConfig(**_task_kwargs(models))), "progress": False,
-        "checkpoint_every": plan.snapshot_every, "keep_checkpoints": 10_000, "client_id": f"quality-{method}",
-        **plan.overrides, **extra})
+# ------------------------------------------------------------------------------------------ statistics
+def bootstrap_ci(values: Sequence[float], n_boot: int = 10_000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and the percentile interval of the means of `n_boot` resamples
+    (with replacement) of the values. One value gives (v, v, v); the resampling is seeded."""
+    xs = [float(v) for v in values]
+    if not xs:
+        return math.nan, math.nan, math.nan
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(xs, k=len(xs))) for _ in range(n_boot))
+    lo = means[int(math.floor((1 - level) / 2 * (n_boot - 1)))]
+    hi = means[int(math.ceil((1 + level) / 2 * (n_boot - 1)))]
+    return statistics.fmean(xs), lo, hi
 
 
-def _task_kwargs(models) -> dict[str, Any]:
-    task = (models.info.get("config") or {}).get("task") or {}
-    return {k: task[k] for k in ("n_digits", "n_operands") if k in task}
+def paired_differences(a: dict[int, float], b: dict[int, float]) -> list[float]:
+    """a[s] - b[s] for every seed s that both have."""
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
-def _cumulative_times(metrics_file: Path) -> dict[int, float]:
-    total, out = 0.0, {}
-    for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
-        total += row["time/step"]
-        out[row["step"]] = total
+def extend_grid(lrs: Sequence[float], val: dict[float, float]) -> float | None:
+    """The next learning rate to try when the best of a sorted geometric grid is at its edge (the grid's
+    ratio beyond that edge; ties go to the smaller lr), else None: a method's best lr must be inside."""
+    if len(lrs) < 2:
+        return None
+    best = max(lrs, key=lambda lr: (val[lr], -lr))
+    ratio = lrs[1] / lrs[0]
+    if best == lrs[0]:
+        return lrs[0] / ratio
+    if best == lrs[-1]:
+        return lrs[-1] * ratio
+    return None
+
+
+def steps_cpu_s(marks: Sequence[float]) -> float:
+    """CPU seconds of n steps from the CPU clock read at the end of each: (c_n - c_1) * n / (n - 1), so the
+    run's start (loading, connecting, the first weight push) is not charged; one step gives nan."""
+    n = len(marks)
+    return (marks[-1] - marks[0]) * n / (n - 1) if n > 1 else math.nan
+
+
+def planned_steps(budget: float, cost_per_step: float, steps: int) -> int:
+    """Steps a method with this cost per step takes to spend the budget; `steps` when within REUSE_WITHIN."""
+    n = max(1, round(budget / cost_per_step))
+    return steps if abs(n - steps) <= REUSE_WITHIN * steps else n
+
+
+# ------------------------------------------------------------------------------------------ runs
+class Bench:
+    """The services, the data and the run cache of one bench invocation."""
+
+    def __init__(self, plan: Plan, work: Path, teacher, rollout, models) -> None:
+        from services.task import arith
+
+        self.plan, self.work, self.teacher, self.rollout, self.models = plan, work, teacher, rollout, models
+        self.test = arith.read_jsonl(models.test_jsonl)[: plan.n_test]
+        self.val = arith.read_jsonl(models.val_jsonl)[: plan.n_val]
+
+    def _cpu_s(self) -> float:
+        """CPU seconds so far of this process (the trainer) and of both services."""
+        return time.process_time() + sum(_proc_cpu_s(p.proc.pid) for p in (self.teacher, self.rollout))
+
+    def result(self, key: RunKey, with_val: bool = False) -> dict[str, Any]:
+        """The run's result (cached in work/<name>/result.json), with its test (and val) accuracy."""
+        out = self.work / key.name
+        cached = out / "result.json"
+        if cached.exists():
+            res = json.loads(cached.read_text())
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {key.name}", flush=True)
+            marks: list[float] = []
+            res = self._sft(key, out, marks) if key.method == "sft" else self._on_policy(key, out, marks)
+            res["cpu_s"] = steps_cpu_s(marks)
+            res["test_acc"] = self._accuracy(Path(res["final"]), self.test)
+        if with_val and "val_acc" not in res:
+            res["val_acc"] = self._accuracy(Path(res["final"]), self.val)
+        cached.write_text(json.dumps(res, indent=1))
+        return res
+
+    def _accuracy(self, model_dir: Path, problems) -> float:
+        from services.task.models import evaluate
+
+        return evaluate(model_dir, None, problems)
+
+    def _on_policy(self, key: RunKey, out: Path, marks: list[float]) -> dict[str, Any]:
+        from services.common.launch import free_port
+        from services.task.arith import TaskConfig
+        from services.task.models import max_new_tokens_for
+        from services.trainer import load_settings, train
+
+        objective, estimator = key.method.split(":")
+        p = self.plan
+        s = load_settings(None, [], **{
+            "student_model": str(self.models.student_dir), "teacher_address": self.teacher.address,
+            "rollout_address": self.rollout.address, "train_file": str(self.models.train_jsonl),
+            "output_dir": str(out), "http_port": free_port(), "max_steps": key.steps, "objective": objective,
+            "opd_estimator": estimator, "lr": key.lr, "seed": key.seed, "prompts_per_step": p.prompts_per_step,
+            "samples_per_prompt": p.samples_per_prompt, "max_new_tokens": max_new_tokens_for(TaskConfig()),
+            "progress": False, "checkpoint_every": 0, "client_id": f"quality-{key.method}", "task": "arith",
+            **_bench_defaults(), **p.overrides})
+        result = train(s, on_step=lambda step, metrics: marks.append(self._cpu_s()))
+        rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
+        window = s.detection.window
+        tokens = sum(r["response_tokens"] + r.get("topd/num_candidates", 0.0) * window for r in rows)
+        return {"key": asdict(key), "final": str(result.final_model), "wall_s": sum(r["time/step"] for r in rows),
+                "teacher_tokens": tokens, "steps": len(rows), "diagnostics": _diagnostics(rows)}
+
+    def _sft(self, key: RunKey, out: Path, marks: list[float]) -> dict[str, Any]:
+        """Cross-entropy on teacher samples of the step's prompts (the trainer's prompt stream and schedule)."""
+        import numpy as np
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from services.task.arith import TaskConfig
+        from services.task.models import max_new_tokens_for
+        from services.trainer.data import PromptStream, read_jsonl
+        from services.trainer.state import lr_factor
+        from topd_client import TeacherClient
+
+        p, d = self.plan, _bench_defaults()
+        torch.manual_seed(key.seed)
+        tok = AutoTokenizer.from_pretrained(self.models.student_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.models.student_dir, dtype=torch.float32).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=key.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(
+            i, d["warmup_steps"], key.steps, d["lr_schedule"], d["min_lr_ratio"]))
+        stream = PromptStream(read_jsonl(self.models.train_jsonl), key.seed)
+        max_tokens = max_new_tokens_for(TaskConfig())
+        wall, tokens, losses = 0.0, 0, []
+        with TeacherClient(self.teacher.address, client_id="quality-sft") as teacher:
+            for step in range(1, key.steps + 1):
+                t0 = time.perf_counter()
+                records = stream.next_batch(p.prompts_per_step)
+                prompts = [np.asarray(tok(r["prompt"])["input_ids"], dtype=np.int32) for r in records]
+                groups = teacher.generate(prompts, max_tokens=max_tokens, temperature=1.0, n=p.samples_per_prompt,
+                                          seed=key.seed * 100_003 + step)
+                pairs = [(pr, c.tokens) for pr, g in zip(prompts, groups) for c in g if len(c.tokens)]
+                tokens += sum(len(y) for _, y in pairs)
+                loss = _sft_loss(model, pairs, tok.pad_token_id)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                wall += time.perf_counter() - t0
+                losses.append(float(loss))
+                marks.append(self._cpu_s())
+        final = out / "final"
+        model.save_pretrained(final, safe_serialization=True)
+        tok.save_pretrained(final)
+        return {"key": asdict(key), "final": str(final), "wall_s": wall, "teacher_tokens": float(tokens),
+                "steps": key.steps, "diagnostics": {"loss_last10": statistics.fmean(losses[-10:])}}
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process (Linux /proc; 0 elsewhere)."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _sft_loss(model, pairs: list, pad_id: int):
+    """Mean cross-entropy of the response tokens (EOS included) given their prompts, right-padded."""
+    import torch
+
+    width = max(len(pr) + len(y) for pr, y in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for b, (pr, y) in enumerate(pairs):
+        seq = torch.as_tensor(list(pr) + list(y))
+        ids[b, :len(seq)], mask[b, :len(seq)] = seq, 1
+        labels[b, len(pr):len(seq)] = seq[len(pr):]
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def _bench_defaults() -> dict[str, Any]:
+    """The demo's step settings (services/task/demo.py), so the bench measures what the demo runs."""
+    from services.task.demo import _demo_defaults
+
+    keep = ("warmup_steps", "lr_schedule", "min_lr_ratio", "adv_clip", "window", "max_candidates")
+    return {k: v for k, v in _demo_defaults(False).items() if k in keep}
+
+
+def _diagnostics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Means over the first and the last 10 steps of what the convergence study watches."""
+    keys = ("opd/reverse_kl", "opd/entropy", "opd/adv_var", "opd/clip_frac", "opd/rho_mean", "opd/sampler_logp_gap",
+            "response_len_mean", "finish_stop_frac", "grad_norm", "time/step")
+    out = {}
+    for part, chunk in (("first10", rows[:10]), ("last10", rows[-10:])):
+        for k in keys:
+            vals = [r[k] for r in chunk if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
+            if vals:
+                out[f"{k}@{part}"] = statistics.fmean(vals)
     return out
 
 
-def run_on_policy(models, teacher, rollout, work: Path, method: str, seed: int, plan: Plan) -> dict[str, Any]:
-    from services.trainer import train
+# ------------------------------------------------------------------------------------------ the plan
+def run_plan(bench: Bench, plan: Plan, only_steps: bool = False) -> dict[str, Any]:
+    """Sweep, seeds, budgets (module docstring); returns every result the report needs.
 
-    out = work / f"{method}-s{seed}"
-    shutil.rmtree(out, ignore_errors=True)
-    result = train(_trainer_settings(models, teacher, rollout, out, method, seed, plan))
-    times = _cumulative_times(result.metrics_file)
-    snaps = {int(p.name.split("-")[1]): p / "model" for p in (out / "checkpoints").glob("step-*")}
-    rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
-    return {"method": method, "seed": seed, "times": times, "snapshots": snaps, "rows": rows,
-            "s_per_step": statistics.median(r["time/step"] for r in rows[1:] or rows)}
+    Seeds are the outer loop of the later phases, so drift in the machine's load hits every method alike.
+    `only_steps` stops after the runs at `steps` (to fill the cache from several processes at once)."""
+    best_lr, sweep = {}, {}
+    for method in plan.methods:
+        grid = sorted(plan.lrs(method))
+        runs = {lr: bench.result(RunKey(method, lr, 0, plan.steps), with_val=len(grid) > 1) for lr in grid}
+        for _ in range(MAX_EXTENSIONS):  # the best at an edge of the grid: one more point beyond it
+            nxt = extend_grid(sorted(runs), {lr: r["val_acc"] for lr, r in runs.items()})
+            if nxt is None:
+                break
+            runs[nxt] = bench.result(RunKey(method, nxt, 0, plan.steps), with_val=True)
+        sweep[method] = {lr: r.get("val_acc") for lr, r in sorted(runs.items())}
+        best_lr[method] = max(runs, key=lambda lr: (runs[lr].get("val_acc", 0.0), -lr))
 
+    def each_seed(steps_of: dict[str, int]) -> dict[str, dict[int, dict[str, Any]]]:
+        done: dict[str, dict[int, dict[str, Any]]] = {m: {} for m in plan.methods}
+        for seed in range(plan.seeds):
+            for m in plan.methods:
+                done[m][seed] = bench.result(RunKey(m, best_lr[m], seed, steps_of[m]))
+        return done
 
-def run_sft(models, work: Path, seed: int, plan: Plan, budget_s: float) -> dict[str, Any]:
-    """Off-policy distillation on teacher samples (SFT; the peers' GKD with lambda = 0), same batch
-    size, snapshots by step, running until both the step count and the time budget are reached."""
-    import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    from services.task.models import _encode_examples, _sample_batches
-
-    out = work / f"sft-s{seed}"
-    shutil.rmtree(out, ignore_errors=True)
-    torch.manual_seed(seed)
-    tok = PreTrainedTokenizerFast.from_pretrained(models.student_dir)
-    model = AutoModelForCausalLM.from_pretrained(models.student_dir, dtype=torch.float32).train()
-    rows = [json.loads(line) for line in models.teacher_samples_jsonl.read_text().splitlines()]
-    batch_fn = _sample_batches([(r["prompt"], r["completion"]) for r in rows],
-                               plan.prompts_per_step * plan.samples_per_prompt, seed)
-    lr = float(plan.overrides.get("sft_lr", 1e-3))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    times, snaps, total, step = {}, {}, 0.0, 0
-    while step < plan.steps or total < budget_s:
-        step += 1
-        t0 = time.perf_counter()
-        ids, mask, labels = _encode_examples(tok, *batch_fn(step))
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        total += time.perf_counter() - t0
-        times[step] = total
-        if step % plan.snapshot_every == 0 or step == plan.steps:
-            path = out / f"step-{step:07d}"
-            model.save_pretrained(path)
-            tok.save_pretrained(path)
-            snaps[step] = path
-        if step > 20 * plan.steps:
-            break
-    return {"method": "sft", "seed": seed, "times": times, "snapshots": snaps, "rows": [],
-            "s_per_step": total / step}
+    at_steps = each_seed({m: plan.steps for m in plan.methods})
+    if only_steps:
+        return {}
+    ref = plan.reference if plan.reference in at_steps else plan.methods[0]
+    budgets = {what: statistics.fmean(r[what] for r in at_steps[ref].values()) for what in BUDGETS}
+    comparisons = {"steps": at_steps}
+    for what, budget in budgets.items():
+        per_step = {m: statistics.fmean(r[what] / r["steps"] for r in at_steps[m].values()) for m in plan.methods}
+        comparisons[what] = each_seed({m: planned_steps(budget, per_step[m], plan.steps) for m in plan.methods})
+    return {"best_lr": best_lr, "sweep": sweep, "budgets": budgets, "reference": ref, "comparisons": comparisons}
 
 
-def pick(run: dict[str, Any], steps: int, budget_s: float) -> tuple[Path, Path, int]:
-    """Snapshot at `steps`, and the last snapshot within `budget_s` of training time."""
-    at_steps = run["snapshots"][max(s for s in run["snapshots"] if s <= steps)]
-    within = [s for s in run["snapshots"] if run["times"].get(s, math.inf) <= budget_s]
-    s_budget = max(within) if within else min(run["snapshots"])
-    return at_steps, run["snapshots"][s_budget], s_budget
+# ------------------------------------------------------------------------------------------ report
+# Budgets: "cpu_s", the CPU seconds of trainer and services (load-independent; on idle cores, with one
+# thread per process and the step's phases one after another, the wall-clock), and teacher tokens.
+BUDGETS = ("cpu_s", "teacher_tokens")
+TITLES = {"steps": "equal steps", "cpu_s": "equal wall-clock (CPU-seconds of trainer + services)",
+          "teacher_tokens": "equal teacher tokens"}
 
 
-def probe(models, teacher, rollout, work: Path, student_dir: Path, plan: Plan, tag: str) -> dict[str, float]:
-    """One zero-lr topd step on a fixed prompt batch: the detector's view of `student_dir`."""
-    from services.trainer import train
-
-    out = work / f"probe-{tag}"
-    shutil.rmtree(out, ignore_errors=True)
-    s = _trainer_settings(models, teacher, rollout, out, "opd_suppress", 12345, plan, max_steps=1, lr=0.0,
-                          checkpoint_every=0, prompts_per_step=32, samples_per_prompt=2, max_candidates=128)
-    s = s.model_copy(update={"student_model": str(student_dir)})
-    train(s)
-    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    keys = ("topd/false_alarm_frac", "topd/mean_ot", "topd/pearson", "topd/spearman", "gt/auc", "gt/precision",
-            "gt/recall", "gt/benign_frac", "opd/reverse_kl")
-    return {k: row.get(k, float("nan")) for k in keys}
+def _pct(m: float, lo: float, hi: float) -> str:
+    return "–" if not math.isfinite(m) else f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    xs = [x for x in xs if isinstance(x, (int, float)) and math.isfinite(x)]
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def report(plan: Plan, out: dict[str, Any], teacher_acc: float, student_acc: float, wall_s: float,
+           argv: Sequence[str]) -> str:
+    cmd = ("python -m bench.quality " + " ".join(argv)).strip()
+    lines = [
+        f"Command: `{cmd}`; {wall_s / 60:.0f} min; {machine_line()}.",
+        f"Plan: {plan.steps} steps of {plan.prompts_per_step} prompts x {plan.samples_per_prompt} samples, "
+        f"seeds 0..{plan.seeds - 1}, test {plan.n_test} problems (greedy), lr chosen on {plan.n_val} validation "
+        f"problems; schedule and step settings {_bench_defaults() | plan.overrides}.",
+        f"Teacher {100 * teacher_acc:.1f}%, student before training {100 * student_acc:.1f}% (test). "
+        f"Budgets: {out['reference']} at {plan.steps} steps = {out['budgets']['cpu_s']:.0f} CPU-seconds, "
+        f"{out['budgets']['teacher_tokens'] / 1e3:.0f}k teacher tokens.", "",
+        "Test accuracy (%): mean [95% bootstrap interval over seeds]; vs SFT: the mean difference in points "
+        "[95% interval], paired by seed.", "",
+    ]
+    for what, title in TITLES.items():
+        runs = out["comparisons"][what]
+        sft = {s: r["test_acc"] for s, r in runs.get("sft", {}).items()}
+        lines += [f"**{title}**", "", "| method | lr | steps | CPU s/step | CPU s | wall s | teacher tokens (k) | "
+                  "test acc (%) | vs SFT (points) |", "|---|---|---|---|---|---|---|---|---|"]
+        for m, by_seed in runs.items():
+            accs = {s: r["test_acc"] for s, r in by_seed.items()}
+            rs = list(by_seed.values())
+            steps = statistics.fmean(r["steps"] for r in rs)
+            wall, cpu = statistics.fmean(r["wall_s"] for r in rs), statistics.fmean(r["cpu_s"] for r in rs)
+            diff = bootstrap_ci(paired_differences(accs, sft)) if sft and m != "sft" else (math.nan,) * 3
+            d = "–" if not math.isfinite(diff[0]) else f"{100 * diff[0]:+.1f} [{100 * diff[1]:+.1f}, {100 * diff[2]:+.1f}]"
+            lines.append(f"| {m} | {out['best_lr'][m]:g} | {steps:.0f} | {cpu / steps:.2f} | {cpu:.0f} | {wall:.0f} | "
+                         f"{statistics.fmean(r['teacher_tokens'] for r in rs) / 1e3:.0f} | "
+                         f"{_pct(*bootstrap_ci(list(accs.values())))} | {d} |")
+        lines.append("")
+    lines += ["**learning-rate sweep** (seed 0, validation accuracy % at the end; the chosen lr in bold)", "",
+              "| method | " + " | ".join(f"lr {lr:g}" for lr in sorted({lr for m in plan.methods
+                                                                      for lr in plan.lrs(m)})) + " |"]
+    all_lrs = sorted({lr for m in plan.methods for lr in plan.lrs(m)})
+    lines.append("|---|" + "---|" * len(all_lrs))
+    for m in plan.methods:
+        cells = []
+        for lr in all_lrs:
+            if lr not in out["sweep"][m]:
+                cells.append("")
+                continue
+            v = out["sweep"][m][lr]
+            cell = "(only lr)" if v is None else f"{100 * v:.1f}"
+            cells.append(f"**{cell}**" if cell and lr == out["best_lr"][m] else cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "**diagnostics** (seed 0 at the chosen lr, mean over the first / last 10 steps)", "",
+              "| method | reverse KL | entropy | adv var | clip frac | sampler logp gap | response len | EOS frac |",
+              "|---|---|---|---|---|---|---|---|"]
+    for m in plan.methods:
+        if m == "sft":
+            continue
+        dg = out["comparisons"]["steps"][m][0]["diagnostics"]
+
+        def two(k: str) -> str:
+            a, b = dg.get(f"{k}@first10"), dg.get(f"{k}@last10")
+            return "–" if a is None else f"{a:.3g} / {b:.3g}"
+        lines.append(f"| {m} | " + " | ".join(two(k) for k in ("opd/reverse_kl", "opd/entropy", "opd/adv_var",
+                                                             "opd/clip_frac", "opd/sampler_logp_gap",
+                                                             "response_len_mean", "finish_stop_frac")) + " |")
+    return "\n".join(lines) + "\n"
 
 
-def _fmt(m: float, s: float | None = None, pct: bool = False) -> str:
-    if not math.isfinite(m):
-        return "–"
-    if pct:
-        return f"{100 * m:.1f} ± {100 * s:.1f}" if s is not None else f"{100 * m:.1f}"
-    return f"{m:.3f} ± {s:.3f}" if s is not None else f"{m:.3f}"
+def write_between_markers(path: Path, body: str) -> None:
+    """Replace the text between BEGIN and END in `path` (appended, with the markers, when absent)."""
+    text = path.read_text() if path.exists() else ""
+    block = f"{BEGIN}\n{body}{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
+    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--seeds", type=int, default=None)
+    ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=None, help="Comma-separated methods (objective:estimator or sft)")
+    ap.add_argument("--steps", type=int, default=None, help="Steps of the equal-steps runs and the sweep")
+    ap.add_argument("--seeds", type=int, default=None, help="Seeds per method")
+    ap.add_argument("--lrs", default=None, help="Comma-separated on-policy learning rates to sweep")
+    ap.add_argument("--sft-lrs", default=None, help="Comma-separated SFT learning rates to sweep")
+    ap.add_argument("--reference", default=None, help="Method whose cost at --steps sets the budgets")
     ap.add_argument("--n-test", type=int, default=None)
-    ap.add_argument("--methods", default=",".join(METHODS + ["sft"]))
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="Run cache (resumable)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
-    ap.add_argument("--set", action="append", default=[], help="trainer override key=value for every run")
+    ap.add_argument("--set", action="append", default=[], help="Trainer override key=value for every on-policy run")
+    ap.add_argument("--only-steps", action="store_true", help="Only the sweep and the seeds at --steps, no report "
+                                                              "(fill the --work cache from parallel processes)")
     args = ap.parse_args(argv)
+    set_threads(args.threads)
+    quiet_libraries()
 
     import yaml
 
     from services.common.launch import service
-    from services.task import arith
     from services.task.models import evaluate
     from services.task.prepare import prepare_builtin
 
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
-    plan = Plan(steps=args.steps or (4 if args.quick else 40), seeds=list(range(args.seeds or (1 if args.quick else 3))),
-                snapshot_every=2 if args.quick else 5, n_test=args.n_test or (100 if args.quick else 1000),
-                prompts_per_step=4 if args.quick else 8, samples_per_prompt=4,
-                overrides={"lr": 1e-3, "adv_clip": 5.0, "window": 16, "max_candidates": 32, **overrides})
-    methods = [m for m in args.methods.split(",") if m]
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
+    plan = QUICK if args.quick else Plan()
+    floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
+    plan = replace(plan, **{k: v for k, v in {
+        "methods": tuple(m for m in (args.methods or "").split(",") if m) or None,
+        "steps": args.steps, "seeds": args.seeds, "n_test": args.n_test, "reference": args.reference,
+        "on_policy_lrs": floats(args.lrs) if args.lrs else None, "sft_lrs": floats(args.sft_lrs) if args.sft_lrs else None,
+        "overrides": {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)} or None,
+    }.items() if v is not None})
+    for m in plan.methods:
+        if m != "sft" and (m.count(":") != 1 or m.split(":")[1] not in ESTIMATORS):
+            ap.error(f"unknown method {m!r}: objective:estimator (estimator one of {', '.join(ESTIMATORS)}) or sft")
     t_start = time.time()
     models = prepare_builtin()
-    test = arith.read_jsonl(models.test_jsonl)[: plan.n_test]
-    cache: dict[str, float] = {}
-
-    def acc(path: Path) -> float:
-        if str(path) not in cache:
-            cache[str(path)] = evaluate(path, None, test)
-        return cache[str(path)]
-
-    runs: list[dict[str, Any]] = []
-    with service("teacher", models.teacher_dir, work, "--engine", "hf") as teacher, \
-            service("rollout", models.student_dir, work, "--engine", "hf") as rollout:
-        before = probe(models, teacher, rollout, work, models.student_dir, plan, "before")
-        for seed in plan.seeds:  # seeds outermost: drift in machine load hits every method alike
-            for method in [m for m in methods if m != "sft"]:
-                print(f"[{time.time() - t_start:6.0f}s] {method} seed {seed}", flush=True)
-                runs.append(run_on_policy(models, teacher, rollout, work, method, seed, plan))
-        opd_times = [r["times"][plan.steps] for r in runs if r["method"] == "opd"]
-        budget = statistics.fmean(opd_times) if opd_times else max(r["times"][plan.steps] for r in runs)
-        if "sft" in methods:
-            for seed in plan.seeds:
-                print(f"[{time.time() - t_start:6.0f}s] sft seed {seed}", flush=True)
-                runs.append(run_sft(models, work, seed, plan, budget))
-        for run in runs:
-            at_steps, at_budget, s_budget = pick(run, plan.steps, budget)
-            run.update(acc_steps=acc(at_steps), acc_budget=acc(at_budget), steps_in_budget=s_budget)
-            run["probe"] = probe(models, teacher, rollout, work, at_steps, plan, f"{run['method']}-s{run['seed']}")
-    teacher_acc = evaluate(models.teacher_dir, None, test)
-    student_acc = evaluate(models.student_dir, None, test)
-    report = summarise(runs, methods, plan, budget, before, teacher_acc, student_acc, time.time() - t_start, argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report["markdown"])
-    (work / "results.json").write_text(json.dumps({k: v for k, v in report.items() if k != "markdown"}, indent=1,
-                                                  default=str))
-    plot(runs, methods, plan, args.out.with_suffix(".png"), teacher_acc, student_acc)
-    print(report["markdown"])
+    args.work.mkdir(parents=True, exist_ok=True)
+    with service("teacher", models.teacher_dir, args.work, "--engine", "hf") as teacher, \
+            service("rollout", models.student_dir, args.work, "--engine", "hf") as rollout:
+        bench = Bench(plan, args.work, teacher, rollout, models)
+        out = run_plan(bench, plan, args.only_steps)
+        if args.only_steps:
+            return 0
+        for what, runs in out["comparisons"].items():
+            for m, by_seed in runs.items():
+                print(f"{what:15s} {m:22s} test " + " ".join(f"{r['test_acc']:.3f}" for r in by_seed.values()) +
+                      f"  s/step {statistics.fmean(r['wall_s'] / r['steps'] for r in by_seed.values()):.2f}"
+                      f"  CPU s/step {statistics.fmean(r['cpu_s'] / r['steps'] for r in by_seed.values()):.2f}")
+    teacher_acc = evaluate(models.teacher_dir, None, bench.test)
+    student_acc = evaluate(models.student_dir, None, bench.test)
+    body = report(plan, out, teacher_acc, student_acc, time.time() - t_start, sys.argv[1:] if argv is None else argv)
+    (args.work / "results.json").write_text(json.dumps(out, indent=1, default=str))
+    write_between_markers(args.out, body)
+    print(body)
     return 0
-
-
-def summarise(runs, methods, plan, budget, before, teacher_acc, student_acc, wall_s, argv) -> dict[str, Any]:
-    opd_step = statistics.fmean([r["s_per_step"] for r in runs if r["method"] == "opd"] or [float("nan")])
-    header = ("| method | test acc @ {s} steps (%) | test acc @ {b:.0f} s budget (%) | steps in budget | s/step | "
-              "time vs OPD | false-alarm frac | detector AUC (gt) | precision / recall (gt) | Pearson | Spearman | "
-              "mean OT after |").format(s=plan.steps, b=budget)
-    lines = [header, "|" + "---|" * 12]
-    table = {}
-    for m in methods:
-        rs = [r for r in runs if r["method"] == m]
-        if not rs:
-            continue
-        a_s, a_b = _mean_std([r["acc_steps"] for r in rs]), _mean_std([r["acc_budget"] for r in rs])
-        sps = statistics.fmean(r["s_per_step"] for r in rs)
-        pr = {k: _mean_std([r["probe"].get(k, float("nan")) for r in rs]) for k in rs[0]["probe"]}
-        table[m] = {"acc_steps": a_s, "acc_budget": a_b, "s_per_step": sps, "probe": pr,
-                    "steps_in_budget": [r["steps_in_budget"] for r in rs]}
-        lines.append(f"| {m} | {_fmt(*a_s, pct=True)} | {_fmt(*a_b, pct=True)} | "
-                     f"{statistics.fmean(r['steps_in_budget'] for r in rs):.0f} | {sps:.2f} | {sps / opd_step:.2f}x | "
-                     f"{_fmt(pr['topd/false_alarm_frac'][0])} | {_fmt(pr['gt/auc'][0])} | "
-                     f"{_fmt(pr['gt/precision'][0])} / {_fmt(pr['gt/recall'][0])} | {_fmt(pr['topd/pearson'][0])} | "
-                     f"{_fmt(pr['topd/spearman'][0])} | {_fmt(*pr['topd/mean_ot'])} |")
-    paper = ["| method | paper avg Pass@1 (%) | paper mean OT after |", "|---|---|---|"]
-    for m in METHODS:
-        p = PAPER.get(m, {})
-        paper.append(f"| {m} | {p.get('avg', '–')} | {p.get('ot_after', '–')} |")
-    cmd = "python -m bench.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = "\n".join([
-        "# Results: OPD vs TOPD on the built-in task", "",
-        f"Command: `{cmd.strip()}` ({wall_s / 60:.0f} min on 2 CPU cores; seeds {plan.seeds}; "
-        f"{plan.steps} steps of {plan.prompts_per_step} prompts x {plan.samples_per_prompt} samples; "
-        f"test set {plan.n_test} problems; overrides {plan.overrides}).", "",
-        f"Teacher test accuracy {100 * teacher_acc:.1f}%; warmed-up student {100 * student_acc:.1f}%. "
-        f"Before training, the detector saw: false-alarm frac {_fmt(before['topd/false_alarm_frac'])}, "
-        f"mean OT {_fmt(before['topd/mean_ot'])}, AUC vs ground truth {_fmt(before['gt/auc'])}, "
-        f"benign fraction of high-loss tokens {_fmt(before['gt/benign_frac'])}.", "",
-        "Accuracy: mean ± std over seeds. Diagnostics: one zero-lr probe step (32 prompts x 2 samples, "
-        "same detector settings) on each final student, averaged over seeds.", "",
-        *lines, "", "The paper's numbers (Qwen3-30B-A3B -> Qwen3-4B, AIME/HMMT; not comparable in scale, only in "
-        "direction): mean OT before training 0.538; TOPD overhead 1.41x OPD.", "", *paper, "",
-    ])
-    return {"markdown": md, "table": table, "budget_s": budget, "before": before, "teacher_acc": teacher_acc,
-            "student_acc": student_acc, "plan": plan.__dict__}
-
-
-def plot(runs, methods, plan, path: Path, teacher_acc: float, student_acc: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, title in ((axes[0], "acc_steps", f"same steps ({plan.steps})"),
-                           (axes[1], "acc_budget", "same wall-clock budget")):
-        vals = [[r[key] for r in runs if r["method"] == m] for m in methods]
-        ax.boxplot([v or [float("nan")] for v in vals], tick_labels=methods)
-        ax.axhline(teacher_acc, color="gray", ls="--", label="teacher")
-        ax.axhline(student_acc, color="red", ls=":", label="student start")
-        ax.set_title(title)
-        ax.set_ylabel("test accuracy")
-        ax.tick_params(axis="x", rotation=30)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

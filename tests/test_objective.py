@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -11,7 +12,7 @@ import torch
 from scipy import stats
 
 from services.trainer.diagnostics import batch_diagnostics, pearson, roc_auc, spearman
-from services.trainer.kl import gather_logprobs, topk_forward_kl, topk_reverse_kl
+from services.trainer.kl import entropy, gather_logprobs, topk_forward_kl, topk_reverse_kl
 from services.trainer.objective import (
     VARIANTS,
     Detection,
@@ -24,6 +25,7 @@ from services.trainer.objective import (
     divergent_by_threshold,
     fraction_count,
     get_variant,
+    masked_variance,
     opd_advantages,
     opd_loss,
     select_candidates,
@@ -91,11 +93,25 @@ def test_opd_loss_and_metrics_by_hand() -> None:
     assert m["opd/reverse_kl"] == pytest.approx(1.0)
     assert m["opd/rho_mean"] == pytest.approx(1.0)
     assert m["opd/clip_frac"] == 0.0
+    assert m["opd/adv_var"] == pytest.approx(8 / 3)  # mean -1: (0 + 4 + 4) / 3; padding's 5 left out
     # Clip at c = 2: A = (-1, -2, 1), one of three tokens clipped.
     loss, m = opd_loss(inp, OPDConfig(adv_clip=2.0))
     assert loss.item() == pytest.approx(2 / 3)
     assert m["opd/clip_frac"] == pytest.approx(1 / 3)
     assert m["opd/reverse_kl"] == pytest.approx(1.0)  # the metric is before clipping
+    assert m["opd/adv_var"] == pytest.approx(14 / 9)  # of the clipped A = (-1, -2, 1): mean -2/3
+
+
+def test_masked_variance_and_entropy_by_hand() -> None:
+    x = torch.tensor([[1.0, 3.0, float("nan")], [5.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert masked_variance(x, mask) == pytest.approx(8 / 3)  # mean 3: (4 + 0 + 4) / 3
+    assert masked_variance(x, torch.zeros_like(mask)) == 0.0
+    # p = (0.5, 0.3, 0.2): H = -(0.5 ln 0.5 + 0.3 ln 0.3 + 0.2 ln 0.2) = 1.0297 nats; uniform over 4: ln 4;
+    # an id at -inf (p = 0) adds nothing: (0, 0, -inf) is uniform over 2.
+    logits = torch.stack([torch.tensor([0.5, 0.3, 0.2]).log() + 7.0, torch.zeros(3)])
+    assert entropy(logits).tolist() == pytest.approx([1.0296530, math.log(3)], abs=1e-6)
+    assert entropy(torch.tensor([[0.0, 0.0, -math.inf]])).item() == pytest.approx(math.log(2))
 
 
 def test_opd_importance_ratio_and_discount() -> None:
@@ -409,6 +425,7 @@ from services.trainer.estimators import (  # noqa: E402
     EstimatorInputs,
     estimator_loss,
     get_estimator,
+    policy_metrics,
 )
 from topd_client.errors import ConfigurationError, InvalidInputError  # noqa: E402
 
@@ -450,6 +467,34 @@ def test_estimators_by_hand_with_nan_padding(name: str) -> None:
     assert all(key.startswith("opd/") for key in m) and "opd/loss" in m
     loss.backward()
     assert torch.isfinite(inp.logits_BTV.grad).all() and (inp.logits_BTV.grad[0, 1] == 0).all()
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_estimator_reports_entropy_and_sampler_gap_by_hand(name: str) -> None:
+    """The student's entropy at response tokens and |log pi_theta(y) - log pi_sampler(y)|, padding left out."""
+    inp = _hand_inputs(name)
+    sampler = torch.tensor([[math.log(0.3) - 0.1, 5.0]])  # the sampler gave y = 1 e^-0.1 of the trainer's 0.3
+    _, m = estimator_loss(name, dataclasses.replace(inp, logp_sampler_BT=sampler))
+    assert m["opd/entropy"] == pytest.approx(1.0296530, abs=1e-6)
+    assert m["opd/sampler_logp_gap"] == pytest.approx(0.1, abs=1e-6)
+
+
+def test_policy_metrics_read_evenly_spaced_positions_of_a_large_vocabulary() -> None:
+    """Position t of 5 is uniform over its first t + 1 ids (H = ln(t + 1)); a budget of 2 positions' logits
+    reads positions 0 and 4 (of the response positions, in row-major order); padding is never read."""
+    V = 6
+    logits = torch.full((2, 4, V), -math.inf)
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    for t, (b, c) in enumerate(mask.nonzero().tolist()):
+        logits[b, c, : t + 1] = 0.0
+    inp = EstimatorInputs(logits, torch.zeros(2, 4, dtype=torch.long), mask,
+                          logp_sampler_BT=torch.tensor([[0.0, -1.0, -2.0, 9.0], [-3.0, -4.0, 9.0, 9.0]]))
+    every = policy_metrics(inp)
+    assert every["opd/entropy"] == pytest.approx(sum(math.log(t + 1) for t in range(5)) / 5)
+    two = policy_metrics(inp, budget=2 * V)
+    assert two["opd/entropy"] == pytest.approx((math.log(1) + math.log(5)) / 2)
+    # y = id 0 at both: log p = 0 and -ln 5 against the sampler's 0 and -4
+    assert two["opd/sampler_logp_gap"] == pytest.approx((0.0 + abs(-math.log(5) + 4.0)) / 2)
 
 
 def test_topk_estimator_mass_metrics_and_full_forward_kl_by_hand() -> None:

@@ -48,7 +48,7 @@ class DemoConfig:
 
     @property
     def max_steps(self) -> int:
-        return self.steps if self.steps is not None else (4 if self.quick else 60)
+        return self.steps if self.steps is not None else (4 if self.quick else 200)
 
     @property
     def test_size(self) -> int:
@@ -56,7 +56,7 @@ class DemoConfig:
 
     @property
     def eval_size(self) -> int:
-        return 32 if self.quick else 200
+        return 32 if self.quick else 500  # one evaluation's noise ~1.5 points
 
     def tracking(self) -> list[str]:
         if self.report_to is not None:
@@ -148,9 +148,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "overwrite": True,  # each demo is a new run in its run dir
             "report_to": report_to, **_demo_defaults(cfg.quick), **cfg.train_overrides,
         })
-        t0 = time.perf_counter()
+        pids = [teacher_proc.proc.pid, rollout_proc.proc.pid]
+        t0, cpu0 = time.perf_counter(), _cpu_seconds(pids)
         result = train(settings)
-        timing["train"] = time.perf_counter() - t0
+        timing["train"], train_cpu_s = time.perf_counter() - t0, _cpu_seconds(pids) - cpu0
         t0 = time.perf_counter()
         after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student after, test", cfg.progress)
         timing["eval_student_after"] = time.perf_counter() - t0
@@ -159,9 +160,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "objective": cfg.objective, "task": cfg.task, "steps": result.steps, "test_problems": len(test),
         "accuracy_before": before, "accuracy_after": after, "teacher_accuracy": teacher_acc,
         "eval_problems": len(val), "eval_curve": [(0, before_val), *result.eval_accuracy],
+        **_convergence(before, after, teacher_acc, result.eval_accuracy),
         "diagnostics": _mean_diagnostics(rows), "engines": engines,
         "tensorboard": f"tensorboard --logdir {run_dir / 'tb'}" if "tensorboard" in report_to else None,
-        "timing_s": {k: round(v, 1) for k, v in timing.items()},
+        "timing_s": {k: round(v, 1) for k, v in timing.items()}, "train_cpu_s": round(train_cpu_s, 1),
         "wall_s": round(time.perf_counter() - t_start, 1), "run_dir": str(run_dir),
         "final_model": str(result.final_model),
         "models": {"teacher": str(models.teacher_dir), "student": str(models.student_dir),
@@ -176,14 +178,43 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _demo_defaults(quick: bool) -> dict[str, Any]:
-    """Step sizes tuned for the built-in task on 2 CPU cores (see docs/results.md)."""
+    """Settings chosen for the built-in task on 2 CPU cores (docs/results.md, "Why OPD stalled"): the exact
+    reverse KL over its 41-token vocabulary (`full`; the sampled token's estimate is ~3x noisier and
+    degrades at lr >= 1e-3), lr 5e-4 with a cosine decay (a constant lr swings the greedy accuracy), and
+    500 validation problems, so that one evaluation's noise is ~1.5 points."""
+    common = {"opd_estimator": "full", "lr_schedule": "cosine", "min_lr_ratio": 0.1, "warmup_steps": 5,
+              "adv_clip": 5.0}
     if quick:
-        return {"prompts_per_step": 4, "samples_per_prompt": 2, "max_candidates": 8, "window": 8}
-    return {"prompts_per_step": 8, "samples_per_prompt": 4, "max_candidates": 32, "window": 16, "lr": 3e-4,
-            "adv_clip": 5.0, "warmup_steps": 5}
+        return {**common, "prompts_per_step": 4, "samples_per_prompt": 2, "max_candidates": 8, "window": 8}
+    return {**common, "prompts_per_step": 8, "samples_per_prompt": 4, "max_candidates": 32, "window": 16, "lr": 5e-4,
+            "eval_every": 25}
 
 
-DIAG_KEYS = ("opd/reverse_kl", "topd/false_alarm_frac", "topd/mean_ot", "topd/pearson", "topd/spearman",
+def _cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds used so far by this process and the given ones (the services; Linux /proc, else 0 for them).
+
+    On 2 idle cores the demo's pipeline (sample -> score -> train, one after the other) takes about
+    this much wall-clock time: the number to compare across loaded and idle machines."""
+    import os
+
+    total = time.process_time()
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _convergence(before: float, after: float, teacher: float, curve: list[tuple[int, float]]) -> dict[str, Any]:
+    """Share of the student-teacher gap closed on the test split; best and last validation points."""
+    accs = [a for _, a in curve]
+    return {"gap_closed": (after - before) / (teacher - before) if teacher > before else float("nan"),
+            "eval_best": max(accs) if accs else float("nan"), "eval_last": accs[-1] if accs else float("nan")}
+
+
+DIAG_KEYS = ("opd/reverse_kl", "opd/entropy", "topd/false_alarm_frac", "topd/mean_ot", "topd/pearson", "topd/spearman",
              "topd/num_divergent", "topd/traj_kl", "gt/auc", "gt/precision", "gt/recall", "gt/benign_frac",
              "time/step")
 
@@ -212,7 +243,11 @@ def format_report(r: dict[str, Any]) -> str:
         f"| student after | {r['accuracy_after']:.1%} |",
         f"| teacher | {r['teacher_accuracy']:.1%} |",
         "",
-        f"({r['test_problems']} test problems, greedy decoding; served by {served})",
+        f"({r['test_problems']} test problems, greedy decoding; {r['gap_closed']:.0%} of the gap to the teacher "
+        f"closed; served by {served})",
+        "",
+        f"Validation: best {r['eval_best']:.1%}, last {r['eval_last']:.1%}. Training: {r['timing_s']['train']:.0f} s "
+        f"({r['train_cpu_s']:.0f} CPU-seconds of trainer and services: about the wall-clock time on 2 idle cores).",
         "",
         "| diagnostic (mean over steps) | value |",
         "|---|---|",

@@ -14,7 +14,8 @@ suppression weights (`objective.variant_weights`) compose with each of them, and
 beside them by the step. Masking and normalisation happen once, in `objective.aggregate_tokens`:
 N = num_tokens, the whole batch's response tokens when the step splits it into micro-batches.
 
-Metrics are namespaced (opd/...). Each estimator reports opd/loss and opd/reverse_kl, a per-token
+Metrics are namespaced (opd/...). Every estimator also reports `policy_metrics` (the student's
+entropy, the sampler-vs-trainer log-prob gap). Each estimator reports opd/loss and opd/reverse_kl, a per-token
 estimate of KL(pi_S || pi_T) over the response tokens, so runs with different estimators share one
 axis: `sampled` the one-sample estimate log pi_S(y_t) - log pi_T(y_t) at the sampler's tokens,
 the top-k ones the KL between the k + 1 bins (a lower bound on the exact KL: merging ids never
@@ -34,7 +35,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from services.trainer.kl import LOGP_FLOOR, gather_logprobs, topk_forward_kl, topk_reverse_kl
+from services.trainer.kl import LOGP_FLOOR, entropy, gather_logprobs, topk_forward_kl, topk_reverse_kl
 from services.trainer.objective import OPDConfig, OPDInputs, aggregate_tokens, check_choice, opd_loss
 from topd_client.errors import InvalidInputError
 
@@ -222,6 +223,38 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 
+# Logits per micro-batch that `policy_metrics` reads: every position when V is small (the built-in
+# task's 41 ids), evenly spaced positions when V is large (a 150k vocabulary: ~28), so the metrics
+# cost a few percent of the step's loss at most.
+POLICY_METRICS_LOGITS = 1 << 22
+
+
+def policy_metrics(inp: EstimatorInputs, budget: int = POLICY_METRICS_LOGITS) -> dict[str, float]:
+    """What the student's own numbers say, whatever the estimator (detached):
+
+        opd/entropy            mean over response tokens of H(pi_theta(. | y_<t)), nats
+        opd/sampler_logp_gap   mean |log pi_theta(y_t) - log pi_sampler(y_t)|: before the update, the
+                               trainer-vs-sampler mismatch on fresh samples (plus the policy's drift
+                               on samples a version old); 0 for a sampler that computes what the trainer does
+
+    Over every response position when they hold at most `budget` logits, else over evenly spaced ones.
+    """
+    rows_N, cols_N = inp.mask_BT.bool().nonzero(as_tuple=True)
+    n, V = rows_N.numel(), inp.logits_BTV.shape[-1]
+    if n == 0:
+        return {"opd/entropy": 0.0, **({"opd/sampler_logp_gap": 0.0} if inp.logp_sampler_BT is not None else {})}
+    m = min(n, max(1, budget // V))
+    if m < n:
+        pick = torch.linspace(0, n - 1, m, device=rows_N.device).round().long()
+        rows_N, cols_N = rows_N[pick], cols_N[pick]
+    logits_NV = inp.logits_BTV.detach()[rows_N, cols_N]
+    out = {"opd/entropy": float(entropy(logits_NV).mean())}
+    if inp.logp_sampler_BT is not None:
+        logp_N = gather_logprobs(logits_NV, inp.tokens_BT[rows_N, cols_N].long()[:, None]).squeeze(-1)
+        out["opd/sampler_logp_gap"] = float((logp_N - inp.logp_sampler_BT.detach()[rows_N, cols_N]).abs().mean())
+    return out
+
+
 def get_estimator(name: str) -> Estimator:
     """The registered estimator called name; an unknown name lists the valid ones."""
     check_choice("OPD estimator", name, tuple(ESTIMATORS))
@@ -234,4 +267,5 @@ def estimator_loss(name: str, inp: EstimatorInputs, cfg: OPDConfig = OPDConfig()
     missing = [f for f in est.needs if getattr(inp, f) is None]
     if missing:
         raise InvalidInputError(f"OPD estimator {name!r} needs {', '.join(missing)} ({est.teacher_call})")
-    return est.loss(inp, cfg)
+    loss, metrics = est.loss(inp, cfg)
+    return loss, {**metrics, **policy_metrics(inp)}

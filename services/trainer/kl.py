@@ -24,6 +24,20 @@ def gather_logprobs(logits_XV: Tensor, ids_Xk: Tensor) -> Tensor:
     return logits_XV.gather(-1, ids_Xk.long()) - torch.logsumexp(logits_XV, dim=-1, keepdim=True)
 
 
+def entropy(logits_XV: Tensor) -> Tensor:
+    """H(softmax(logits)) = -sum_v p_v log p_v in nats, detached (a diagnostic). [X, V] -> [X].
+
+    Written as logsumexp(l) - sum_v p_v l_v (the sum as a batched dot product: no [X, V] product is
+    materialised), so a probability that underflows to 0 needs no log; an id at -inf adds nothing.
+    """
+    logits = logits_XV.detach().float().clamp(min=torch.finfo(torch.float32).min)
+    lse_X1 = torch.logsumexp(logits, dim=-1, keepdim=True)
+    p_XV = (logits - lse_X1).exp_()
+    V = logits.shape[-1]
+    dot_X = (p_XV.reshape(-1, 1, V) @ logits.reshape(-1, V, 1)).reshape(lse_X1.shape[:-1])
+    return lse_X1.squeeze(-1) - dot_X
+
+
 def tail_logprob(logp_Xk: Tensor, tail_eps: float = 1e-6) -> Tensor:
     """log of the mass outside the k ids, log(1 - sum_j exp(logp_j)), floored at log(tail_eps).
 

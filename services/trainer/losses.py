@@ -21,9 +21,11 @@ from services.trainer.clients import Branches
 from services.trainer.estimators import EstimatorInputs, estimator_loss
 from services.trainer.student import position_logits
 
-# Metrics that are sums over micro-batches (already divided by the batch's N); the others are
-# token means, combined weighted by each micro-batch's token count.
+# Metrics that are sums over micro-batches (already divided by the batch's N); variances over tokens,
+# pooled with their mean's key; the others are token means, combined weighted by each micro-batch's
+# token count.
 _SUMMED = frozenset({"opd/loss", "topd/traj_loss"})
+_VARIANCES = {"opd/adv_var": "opd/adv_mean"}
 
 
 @dataclass(frozen=True)
@@ -40,14 +42,19 @@ class LossConfig:
 
 
 def _combine(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
-    """Per-micro-batch metrics -> the batch's (sums for _SUMMED, token-weighted means otherwise)."""
-    total = sum(n for _, n in parts)
+    """Per-micro-batch metrics -> the batch's (sums for _SUMMED, pooled variances for _VARIANCES:
+    E[x^2] - E[x]^2 over all tokens, token-weighted means otherwise)."""
+    total = max(sum(n for _, n in parts), 1)
     out: dict[str, float] = {}
     for key in parts[0][0] if parts else ():
         if key in _SUMMED:
             out[key] = sum(m[key] for m, _ in parts)
+        elif key in _VARIANCES:
+            mean = _VARIANCES[key]
+            second = sum((m[key] + m[mean] ** 2) * n for m, n in parts) / total
+            out[key] = max(second - (sum(m[mean] * n for m, n in parts) / total) ** 2, 0.0)
         else:
-            out[key] = sum(m[key] * n for m, n in parts) / max(total, 1)
+            out[key] = sum(m[key] * n for m, n in parts) / total
     return out
 
 

@@ -148,7 +148,8 @@ def opd_loss(inp: OPDInputs, cfg: OPDConfig = OPDConfig()) -> tuple[Tensor, dict
     Only rho_t carries the gradient, grad L = -(1/N) sum_t m_t w_t rho_t A_t grad log pi_theta(y_t),
     which is the policy-gradient form A_t * grad log pi when on-policy (rho = 1). A_t, w_t and the
     sampler's log-probs are constants. Metrics: opd/reverse_kl = mean of l_t = -r_t over response
-    tokens (undiscounted, unclipped), opd/rho_mean, opd/clip_frac, opd/adv_mean, opd/loss.
+    tokens (undiscounted, unclipped), opd/rho_mean, opd/clip_frac, opd/adv_mean and opd/adv_var (of the
+    clipped A_t over response tokens: the estimator's per-token noise), opd/loss.
     """
     mask = inp.mask_BT.bool()
     adv_BT = opd_advantages(inp, cfg)
@@ -163,8 +164,18 @@ def opd_loss(inp: OPDInputs, cfg: OPDConfig = OPDConfig()) -> tuple[Tensor, dict
         "opd/rho_mean": float(aggregate_tokens(rho_BT.detach(), mask)),
         "opd/clip_frac": float(aggregate_tokens((clipped_BT != adv_BT).float(), mask)),
         "opd/adv_mean": float(aggregate_tokens(clipped_BT, mask)),
+        "opd/adv_var": masked_variance(clipped_BT, mask),
     }
     return loss, metrics
+
+
+def masked_variance(x_BT: Tensor, mask_BT: Tensor) -> float:
+    """Population variance of x over the masked entries, sum m (x - mean)^2 / sum m (0 when empty)."""
+    mask = mask_BT.bool()
+    if not bool(mask.any()):
+        return 0.0
+    x = x_BT.detach()[mask].double()
+    return float(((x - x.mean()) ** 2).mean())
 
 
 # ---------------------------------------------------------------- detection (section 3)

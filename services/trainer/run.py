@@ -79,8 +79,8 @@ def _train(s: TrainerSettings, rank: int, world: int, on_step: Callable | None, 
     run = distributed.on_rank0(world, rank, lambda: open_run_dir(s))  # refuses a dir of another run, first
     task = resolve_task(s.task, s.student_model)
     _seed_everything(s.seed + rank)
-    state = TrainState.create(resolve_model(s.student_model), distributed.rank_device(resolve_device(s.device), rank,
-                                                                                       world), s.optim)
+    device = distributed.rank_device(resolve_device(s.device), rank, world)
+    state = TrainState.create(resolve_model(s.student_model), device, s.optim, s.max_steps)
     cfg = StepConfig.from_settings(s, unwrap(state.model).config.vocab_size)
     room = _prompt_room(s, state, None)
     records = fit_prompts(train_records(s.data, task), state.tokenizer, s.data, room)  # before waiting for services

@@ -105,6 +105,11 @@ class OptimSettings(_Group):
     lr: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate (5e-4 collapsed OPD in the CPU prototype)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(5, ge=0, description="Linear learning-rate warm-up")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="Learning rate after warm-up: constant, or decayed to lr * min_lr_ratio at max_steps "
+                              "(linear, cosine); greedy accuracy swings at a constant lr (docs/results.md)")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate of the linear and cosine schedules, "
+                                                             "as a fraction of lr")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip")
     micro_batch: int = Field(64, ge=1, description="Sequences per student forward/backward chunk")
 

@@ -30,11 +30,11 @@ class TrainState:
     nonfinite_steps: int = 0
 
     @classmethod
-    def create(cls, student_path: str, device: str, cfg: OptimSettings) -> "TrainState":
+    def create(cls, student_path: str, device: str, cfg: OptimSettings, total_steps: int) -> "TrainState":
         model, tokenizer = load_student(student_path, device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warm = cfg.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: min(1.0, (i + 1) / (warm + 1)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(
+            i, cfg.warmup_steps, total_steps, cfg.lr_schedule, cfg.min_lr_ratio))
         return cls(model, tokenizer, optimizer, scheduler, student_path, device)
 
     @property
@@ -55,6 +55,25 @@ class TrainState:
         self.optimizer.step()
         self.scheduler.step()
         return False, grad_norm
+
+
+def lr_factor(i: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """The learning rate of update i (0-based; step i + 1) as a fraction of lr:
+
+        min(1, (i + 1) / (warmup + 1)) * d(p),   p = clamp((i - warmup) / (total - 1 - warmup), 0, 1)
+        d = 1 (constant),  1 - (1 - r) p (linear),  r + (1 - r) (1 + cos(pi p)) / 2 (cosine)
+
+    so the last of `total` updates runs at lr * r (r = min_ratio), and a run resumed past `total` stays there.
+    """
+    warm = min(1.0, (i + 1) / (warmup + 1))
+    if schedule == "constant":
+        return warm
+    p = min(max((i - warmup) / max(total - 1 - warmup, 1), 0.0), 1.0)
+    if schedule == "linear":
+        return warm * (1.0 - (1.0 - min_ratio) * p)
+    if schedule == "cosine":
+        return warm * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+    raise ValueError(f"unknown lr schedule {schedule!r}; valid: constant, linear, cosine")
 
 
 def is_finite(x: torch.Tensor) -> bool:

@@ -201,6 +201,7 @@ def _bookkeeping(batch: ScoredBatch, stale: int, grad_norm: float, state: TrainS
     return {
         "grad_norm": grad_norm, "lr": state.lr, "samples": float(len(samples)), "response_tokens": float(n_tokens),
         "stale_dropped": float(stale), "finish_stop_frac": sum(f == "stop" for f in samples.finish) / len(samples),
+        "response_len_mean": n_tokens / len(samples),
         "nonfinite_steps": float(state.nonfinite_steps), "policy_version": float(version),
         "sample_version_min": float(min(samples.versions)), "sample_version_max": float(max(samples.versions)),
         "tokens_per_s": n_tokens / step_s if step_s > 0 else 0.0,

@@ -1,0 +1,58 @@
+"""bench/quality.py's statistics and bookkeeping, by hand (the bench itself is a benchmark, not a test)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench.quality import (BEGIN, END, REUSE_WITHIN, bootstrap_ci, extend_grid, paired_differences,
+                           planned_steps, steps_cpu_s, write_between_markers)
+
+
+def test_bootstrap_ci_by_hand() -> None:
+    assert bootstrap_ci([0.7]) == (0.7, 0.7, 0.7)  # one seed: no spread to resample
+    assert bootstrap_ci([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
+    mean, lo, hi = bootstrap_ci([0.0, 1.0], n_boot=4000)
+    # Means of 2 draws from {0, 1}: 0 (p 1/4), 0.5 (1/2), 1 (1/4): the 2.5% and 97.5% points are 0 and 1.
+    assert (mean, lo, hi) == (0.5, 0.0, 1.0)
+    xs = [0.61, 0.64, 0.70, 0.72, 0.80]
+    mean, lo, hi = bootstrap_ci(xs)
+    assert mean == pytest.approx(statistics.fmean(xs)) and min(xs) < lo < mean < hi < max(xs)
+    assert bootstrap_ci(xs) == bootstrap_ci(xs)  # seeded
+    assert all(v != v for v in bootstrap_ci([]))  # nan
+
+
+def test_paired_differences_match_seeds() -> None:
+    assert paired_differences({0: 0.8, 1: 0.6, 2: 0.9}, {1: 0.5, 0: 0.7}) == pytest.approx([0.1, 0.1])
+
+
+def test_extend_grid_until_the_best_lr_is_inside() -> None:
+    grid = [2.5e-4, 5e-4, 1e-3]
+    assert extend_grid(grid, {2.5e-4: 0.72, 5e-4: 0.65, 1e-3: 0.56}) == pytest.approx(1.25e-4)
+    assert extend_grid(grid, {2.5e-4: 0.70, 5e-4: 0.75, 1e-3: 0.80}) == pytest.approx(2e-3)
+    assert extend_grid(grid, {2.5e-4: 0.70, 5e-4: 0.80, 1e-3: 0.80}) is None  # tie: the smaller, inside
+    assert extend_grid([1e-3], {1e-3: 0.5}) is None  # one lr: nothing to sweep
+
+
+def test_steps_cpu_s_leaves_the_start_out() -> None:
+    # Start-up cost 10 s, then 2 s a step: the clock reads 12, 14, 16, 18 after steps 1..4 -> 4 steps = 8 s.
+    assert steps_cpu_s([12.0, 14.0, 16.0, 18.0]) == pytest.approx(8.0)
+    assert steps_cpu_s([5.0]) != steps_cpu_s([5.0])  # nan: one step has no rate
+
+
+def test_planned_steps_reuses_near_plans() -> None:
+    assert planned_steps(100.0, 1.0, 100) == 100
+    assert planned_steps(100.0, 1.0 / (1 + REUSE_WITHIN), 100) == 100  # 115 steps: within 15%, reuse
+    assert planned_steps(100.0, 2.75, 100) == 36  # TOPD-like: 2.75x the cost per step
+    assert planned_steps(100.0, 0.2, 100) == 500
+    assert planned_steps(1.0, 10.0, 100) == 1
+
+
+def test_write_between_markers_keeps_the_rest(tmp_path) -> None:
+    doc = tmp_path / "results.md"
+    write_between_markers(doc, "table 1\n")
+    assert doc.read_text() == f"{BEGIN}\ntable 1\n{END}\n"
+    doc.write_text("# Results\n\nintro\n\n" + doc.read_text() + "\n## What it says\n\nanalysis\n")
+    write_between_markers(doc, "table 2\n")
+    assert doc.read_text() == f"# Results\n\nintro\n\n{BEGIN}\ntable 2\n{END}\n\n## What it says\n\nanalysis\n"
