@@ -22,7 +22,8 @@ import numpy as np
 
 from services.common.launch import free_port, service
 from services.task import arith
-from services.task.models import max_new_tokens_for, prepare_builtin
+from services.task.models import max_new_tokens_for
+from services.task.tasks import prepare_task
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class DemoConfig:
     """What the demo runs; `quick` is a short run for tests."""
 
     quick: bool = False
+    task: str = "arith"  # a built-in task (services.task.tasks): arith or styled
     data_dir: Path | None = None
     run_dir: Path = Path("runs/demo")
     objective: str = "topd"
@@ -71,14 +73,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written to run_dir/report.json)."""
     from transformers import AutoTokenizer
 
-    from services.trainer import load_settings, train
+    from services.trainer import load_settings, probe_detector, train
     from topd_client import RolloutClient, TeacherClient
 
     t_start = time.time()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     print("preparing the built-in task and models (cached after the first run)...", flush=True)
-    models = prepare_builtin(cfg.data_dir, seed=cfg.seed, progress=cfg.progress)
+    models = prepare_task(cfg.task, cfg.data_dir, seed=cfg.seed, progress=cfg.progress)
     task_cfg = arith.TaskConfig(**{k: v for k, v in (models.info.get("config", {}).get("task") or {}).items()
                                    if k in ("n_digits", "n_operands", "seed")})
     max_tokens = max_new_tokens_for(task_cfg)
@@ -103,16 +105,20 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "eval_file": str(models.val_jsonl), "eval_size": 32 if cfg.quick else 200,
             "eval_every": 2 if cfg.quick else 20, "output_dir": str(run_dir), "http_port": free_port(),
             "max_steps": cfg.max_steps, "objective": cfg.objective, "max_new_tokens": max_tokens,
-            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo", "task": "arith",
+            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo", "task": cfg.task,
             **_demo_defaults(cfg.quick), **cfg.train_overrides,
         })
+        probe = test[: 8 if cfg.quick else 32]
+        detector_before = probe_detector(settings, probe)
         result = train(settings)
         after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from")
+        detector_after = probe_detector(settings.model_copy(update={"student_model": str(result.final_model)}), probe)
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     report = {
         "objective": cfg.objective, "steps": result.steps, "test_problems": len(test),
         "accuracy_before": before, "accuracy_after": after, "teacher_accuracy": teacher_acc,
         "eval_curve": result.eval_accuracy, "diagnostics": _mean_diagnostics(rows),
+        "detector": detector_report(detector_before, detector_after, settings, len(probe)),
         "wall_s": round(time.time() - t_start, 1), "run_dir": str(run_dir), "final_model": str(result.final_model),
         "models": {"teacher": str(models.teacher_dir), "student": str(models.student_dir)},
         "settings": settings.model_dump(mode="json", exclude={"auth_token"}),
@@ -130,6 +136,21 @@ def _demo_defaults(quick: bool) -> dict[str, Any]:
         return {"prompts_per_step": 4, "samples_per_prompt": 2, "max_candidates": 8, "window": 8}
     return {"prompts_per_step": 8, "samples_per_prompt": 4, "max_candidates": 32, "window": 16, "lr": 3e-4,
             "adv_clip": 5.0, "warmup_steps": 5}
+
+
+def detector_report(before, after, settings, n_prompts: int) -> dict[str, Any]:
+    """The near-future detector against the task's ground truth on the same fixed batch, on the starting
+    student and the final one (`services.trainer.probe_detector`), with the settings it ran with."""
+    from services.trainer import detector_settings
+
+    def get(probe, key: str) -> float:
+        return float(probe.metrics.get(key, float("nan")))
+
+    return {"benign_frac_before": get(before, "gt/benign_frac"), "auc_before": get(before, "gt/auc"),
+            "benign_frac_after": get(after, "gt/benign_frac"), "auc_after": get(after, "gt/auc"),
+            "candidates_before": get(before, "gt/num_candidates"), "candidates_after": get(after, "gt/num_candidates"),
+            "probe": f"{n_prompts} test prompts x 2 samples, the same seed before and after",
+            "settings": detector_settings(settings)}
 
 
 DIAG_KEYS = ("opd/reverse_kl", "topd/false_alarm_frac", "topd/mean_ot", "topd/pearson", "topd/spearman",
@@ -160,6 +181,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"| teacher | {r['teacher_accuracy']:.1%} |",
         "",
         f"({r['test_problems']} test problems, greedy decoding)",
+        "",
+        "| detector vs ground truth | before | after |",
+        "|---|---|---|",
+        f"| benign fraction of high-loss tokens | {r['detector']['benign_frac_before']:.3f} | "
+        f"{r['detector']['benign_frac_after']:.3f} |",
+        f"| AUC of D for errors | {r['detector']['auc_before']:.3f} | {r['detector']['auc_after']:.3f} |",
         "",
         "| diagnostic (mean over steps) | value |",
         "|---|---|",
