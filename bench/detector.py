@@ -50,6 +50,8 @@ class Batch:
     first_error_N: Any  # numpy bool: the token that made its response unrecoverable
     n_responses: int
     accuracy: float
+    rows_N: Any = None  # numpy int: the candidate's response
+    lengths: Any = None  # numpy int: tokens of each response
 
 
 @dataclass
@@ -63,14 +65,13 @@ class WindowSet:
 
 def collect(clients, tokenizer, task, records: list[dict], cfg, n_samples: int, seed: int) -> Batch:
     """Sample, score, pick candidates as the trainer does, and label them."""
-    import numpy as np
     import torch
 
-    from services.task import arith
     from services.trainer.data import encode_prompts
     from services.trainer.detect import loss_BT
     from services.trainer.objective import candidate_positions, select_candidates
     from services.trainer.step import score
+    from services.trainer.task_api import candidate_truth
 
     ids = encode_prompts(tokenizer, records, "prompt", False)
     samples = clients.sample(records, ids, n=n_samples, max_tokens=cfg.max_new_tokens, temperature=1.0, seed=seed)
@@ -79,29 +80,31 @@ def collect(clients, tokenizer, task, records: list[dict], cfg, n_samples: int, 
     cand_BT = select_candidates(l_BT, batch.mask_BT, cfg.candidate_frac, "trajectory", None)
     rows, cols = candidate_positions(cand_BT)
     responses = [r.tolist() for r in samples.response_ids]
-    error_N = task.error_labels(samples.records, responses, rows.tolist(), cols.tolist(), tokenizer)
-    first = {}
-    for b, resp in enumerate(responses):
-        labels = arith.label_tokens(arith.Problem.from_json(samples.records[b]), [tokenizer.decode([t]) for t in resp])
-        first[b] = labels.index(False) if False in labels else -1
-    first_N = np.array([first[b] == t for b, t in zip(rows.tolist(), cols.tolist())])
+    truth = candidate_truth(task, samples.records, responses, rows.tolist(), cols.tolist(), tokenizer)
     prefixes = [torch.cat([samples.prompt_ids[b], samples.response_ids[b][:t + 1]])
                 for b, t in zip(rows.tolist(), cols.tolist())]
     texts = [tokenizer.decode(r) for r in responses]
     acc = sum(task.check(rec, t) for rec, t in zip(samples.records, texts)) / len(texts)
-    return Batch(prefixes, l_BT[cand_BT].double().numpy(), np.asarray(error_N, dtype=bool), first_N, len(texts), acc)
+    return Batch(prefixes, l_BT[cand_BT].double().numpy(), truth.error_N, truth.fork_N, len(texts), acc,
+                 rows.numpy(), batch.mask_BT.sum(1).numpy())
 
 
-def branch(clients, prefixes: list, K: int, temperature: float, n: int, seed: int) -> WindowSet:
-    """Teacher Generate and rollout Continue from every prefix (n windows each), timed together."""
+def branch(clients, prefixes: list, K: int, temperature: float, n: int, seed: int, chunk: int = 128) -> WindowSet:
+    """Teacher Generate and rollout Continue from every prefix (n windows each, `chunk` prefixes a call, so
+    that no call runs into the RPC deadline on a busy machine), timed together."""
     from concurrent.futures import ThreadPoolExecutor
 
     arrays = [p.numpy() for p in prefixes]
+    teacher, student = [], []
     t0 = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        t = pool.submit(clients.teacher.generate, arrays, max_tokens=K, temperature=temperature, n=n, seed=seed)
-        s = pool.submit(clients.rollout.continue_from, arrays, max_tokens=K, temperature=temperature, n=n, seed=seed)
-        teacher, student = t.result(), s.result()
+        for i in range(0, len(arrays), chunk):
+            part = arrays[i: i + chunk]
+            t = pool.submit(clients.teacher.generate, part, max_tokens=K, temperature=temperature, n=n, seed=seed + i)
+            s = pool.submit(clients.rollout.continue_from, part, max_tokens=K, temperature=temperature, n=n,
+                            seed=seed + i)
+            teacher += t.result()
+            student += s.result()
     seconds = time.perf_counter() - t0
     return WindowSet([[list(c.tokens) for c in g] for g in teacher], [[list(c.tokens) for c in g] for g in student],
                      seconds)
@@ -187,6 +190,24 @@ def benign_by_loss(batch: Batch, shares: Sequence[float] = (1.0, 0.5, 0.25, 0.1)
     for share in shares:
         top = order[: max(1, int(round(share * len(order))))]
         out[f"top {share:.0%}"] = float((~batch.error_N[top]).mean())
+    return out
+
+
+def benign_by_q(batch: Batch, qs: Sequence[float] = (0.02, 0.05, 0.1, 0.2)) -> dict[str, float]:
+    """Benign fraction of the candidates a smaller q would pick (the top ceil(q * n) of each response;
+    nested in the batch's q = 0.2 candidates), with no cap."""
+    import math
+
+    import numpy as np
+
+    out = {}
+    for q in qs:
+        keep = []
+        for b in np.unique(batch.rows_N):
+            idx = np.flatnonzero(batch.rows_N == b)
+            idx = idx[np.argsort(-batch.loss_N[idx], kind="stable")]
+            keep.extend(idx[: math.ceil(q * int(batch.lengths[b]))])
+        out[f"q={q}"] = float((~batch.error_N[keep]).mean())
     return out
 
 
@@ -289,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         "task": args.task, "machine": machine_line(), "wall_s": round(time.time() - t_start),
         "batches": {k: {"candidates": len(b.loss_N), "responses": b.n_responses, "accuracy": b.accuracy,
                         "benign_frac": float((~b.error_N).mean()), "first_error_frac": float(b.first_error_N.mean()),
-                        "benign_by_loss": benign_by_loss(b)} for k, b in batches.items()},
+                        "benign_by_loss": benign_by_loss(b), "benign_by_q": benign_by_q(b)}
+                    for k, b in batches.items()},
         "auc_of_loss": float(__import__("services.trainer.diagnostics", fromlist=["roc_auc"]).roc_auc(ev.loss_N,
                                                                                                       ev.error_N)),
         "sweep": [{k: v for k, v in r.items() if k != "D"} for r in results["eval"]],
@@ -318,6 +340,8 @@ def format_report(r: dict[str, Any]) -> str:
              f"{r['batches']['held-out']['candidates']} candidates, {r['batches']['held-out']['benign_frac']:.1%} benign.",
              "", "Benign fraction among the highest-loss candidates (eval batch): " +
              ", ".join(f"{k} {v:.1%}" for k, v in ev["benign_by_loss"].items()) +
+             f". Benign fraction of the top q of each response (no cap): " +
+             ", ".join(f"{k} {v:.1%}" for k, v in ev["benign_by_q"].items()) +
              f". AUC of the loss l_t itself for errors: {r['auc_of_loss']:.3f}.", ""]
     held = {(x["K"], x["windows"], x["embedding"]): x["auc"] for x in r["sweep_held_out"]}
     rows = [[x["K"], x["windows"], x["embedding"], round(x["auc"], 3), round(held[(x["K"], x["windows"], x["embedding"])], 3),

@@ -35,7 +35,7 @@ from bench.quality import METHODS, PAPER, Plan, _cumulative_times, _trainer_sett
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("arith", "styled")
 BEGIN, END = "<!-- bench:mechanism begin -->", "<!-- bench:mechanism end -->"
-PROBE_KEYS = ("gt/benign_frac", "gt/auc", "gt/fa_precision", "gt/fa_recall", "gt/precision", "gt/recall",
+PROBE_KEYS = ("gt/benign_frac", "gt/auc", "gt/auc_forks", "gt/after_error_frac", "gt/fa_precision", "gt/fa_recall", "gt/precision", "gt/recall",
               "topd/mean_ot", "topd/false_alarm_frac", "gt/num_candidates")
 
 
@@ -132,12 +132,13 @@ def task_markdown(res: dict[str, Any], methods: list[str], plan: Plan) -> str:
              f"({plan.n_test} test problems, greedy). Budget for equal wall-clock: {res['budget_s']:.0f} s "
              f"(OPD's mean time for {plan.steps} steps).", "",
              f"Detector before training (probe batch): benign fraction of high-loss tokens "
-             f"{_ci(before['gt/benign_frac'], float('nan'))}, AUC of D for errors {_ci(before['gt/auc'], float('nan'))}, "
+             f"{_ci(before['gt/benign_frac'], float('nan'))}, AUC of D for errors {_ci(before['gt/auc'], float('nan'))} "
+             f"(forks vs benign {_ci(before['gt/auc_forks'], float('nan'))}), "
              f"false-alarm calls precision {_ci(before['gt/fa_precision'], float('nan'))} / recall "
              f"{_ci(before['gt/fa_recall'], float('nan'))}, mean local OT {_ci(before['topd/mean_ot'], float('nan'))}.", "",
              f"| method | test acc @ {plan.steps} steps (%) | test acc @ equal wall-clock (%) | steps in budget | s/step | "
-             "time vs OPD | benign frac (after) | AUC of D (after) | false-alarm precision / recall (after) | "
-             "mean OT (after) |", "|" + "---|" * 10]
+             "time vs OPD | benign frac (after) | AUC of D (after) | AUC forks (after) | false-alarm precision / "
+             "recall (after) | mean OT (after) |", "|" + "---|" * 11]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
         if not rs:
@@ -147,7 +148,8 @@ def task_markdown(res: dict[str, Any], methods: list[str], plan: Plan) -> str:
         lines.append(f"| {m} | {_ci(*interval([r['acc_steps'] for r in rs]), pct=True)} | "
                      f"{_ci(*interval([r['acc_budget'] for r in rs]), pct=True)} | "
                      f"{statistics.fmean(r['steps_in_budget'] for r in rs):.0f} | {sps:.2f} | {sps / opd_step:.2f}x | "
-                     f"{_ci(*pr['gt/benign_frac'])} | {_ci(*pr['gt/auc'])} | {_ci(pr['gt/fa_precision'][0], float('nan'))}"
+                     f"{_ci(*pr['gt/benign_frac'])} | {_ci(*pr['gt/auc'])} | {_ci(*pr['gt/auc_forks'])} | "
+                     f"{_ci(pr['gt/fa_precision'][0], float('nan'))}"
                      f" / {_ci(pr['gt/fa_recall'][0], float('nan'))} | {_ci(*pr['topd/mean_ot'])} |")
     lines += ["", "| paired difference (same seed) | at equal steps (points) | at equal wall-clock (points) | seeds |",
               "|---|---|---|---|"]

@@ -122,6 +122,7 @@ RESPONSES = [  # (response text, the cut where it becomes unrecoverable or None)
 def test_styled_error_labels_on_a_known_batch():
     from services.task.models import build_tokenizer
     from services.task.styled_plugin import StyledTask
+    from services.trainer.task_api import candidate_truth
 
     tok = build_tokenizer()
     records = [{"prompt": P.prompt, "operands": list(P.operands), "n_digits": 3}] * 2
@@ -133,6 +134,9 @@ def test_styled_error_labels_on_a_known_batch():
     assert [tok.decode(responses[r][c:c + 1]) for r, c in zip(rows, cols)] == ["1", "-", "1", "6", "c"]
     labels = StyledTask().error_labels(records, responses, rows, cols, tok)
     assert labels.tolist() == [False, False, False, True, True]
+    truth = candidate_truth(StyledTask(), records, responses, rows, cols, tok)
+    assert truth.error_N.tolist() == labels.tolist()
+    assert truth.fork_N.tolist() == [False, False, False, True, False]  # the wrong "6" is where row 1 was lost
 
 
 def _completion(text: str, tok) -> SimpleNamespace:
@@ -163,13 +167,16 @@ def test_detector_auc_on_a_known_batch_by_hand():
     assert D_N.tolist() == pytest.approx([0.0, 0.25, 0.25, 0.25, 0.5])
     error_N = [False, False, True, True, True]
     divergent = divergent_set(D_N, cfg.divergent_rule, cfg.divergent_frac, cfg.divergent_threshold)
-    scores = detector_scores(error_N, D_N, divergent)
+    fork_N = [False, False, True, False, False]  # the first error; the other two come after their fork
+    scores = detector_scores(error_N, D_N, divergent, fork_N)
     # pairs (error, benign): D 0.25 vs 0 win, 0.25 vs 0.25 tie (x2), 0.5 wins both -> (1 + .5 + 1 + .5 + 2) / 6
     assert scores["gt/auc"] == pytest.approx(5 / 6)
     # threshold 0.2: divergent = the four with D = 0.25 or 0.5; three of them are errors, all errors caught
     assert divergent.tolist() == [False, True, True, True, True]
     assert scores["gt/precision"] == pytest.approx(3 / 4) and scores["gt/recall"] == 1.0
     assert scores["gt/benign_frac"] == pytest.approx(2 / 5)
+    # forks only: the fork's D 0.25 against benign 0 (win) and 0.25 (tie) -> 0.75
+    assert scores["gt/auc_forks"] == pytest.approx(0.75) and scores["gt/after_error_frac"] == pytest.approx(2 / 5)
     # the one false-alarm call (D = 0) is benign; it finds one of the two benign candidates
     assert scores["gt/fa_precision"] == 1.0 and scores["gt/fa_recall"] == 0.5
     assert isinstance(D_N, torch.Tensor)

@@ -148,13 +148,14 @@ def detector_report(before, after, settings, n_prompts: int) -> dict[str, Any]:
 
     return {"benign_frac_before": get(before, "gt/benign_frac"), "auc_before": get(before, "gt/auc"),
             "benign_frac_after": get(after, "gt/benign_frac"), "auc_after": get(after, "gt/auc"),
+            "auc_forks_before": get(before, "gt/auc_forks"), "auc_forks_after": get(after, "gt/auc_forks"),
             "candidates_before": get(before, "gt/num_candidates"), "candidates_after": get(after, "gt/num_candidates"),
             "probe": f"{n_prompts} test prompts x 2 samples, the same seed before and after",
             "settings": detector_settings(settings)}
 
 
 DIAG_KEYS = ("opd/reverse_kl", "topd/false_alarm_frac", "topd/mean_ot", "topd/pearson", "topd/spearman",
-             "topd/num_divergent", "topd/traj_kl", "gt/auc", "gt/precision", "gt/recall", "gt/benign_frac",
+             "topd/num_divergent", "topd/traj_kl", "gt/auc", "gt/auc_forks", "gt/precision", "gt/recall", "gt/benign_frac",
              "time/step")
 
 
@@ -187,6 +188,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"| benign fraction of high-loss tokens | {r['detector']['benign_frac_before']:.3f} | "
         f"{r['detector']['benign_frac_after']:.3f} |",
         f"| AUC of D for errors | {r['detector']['auc_before']:.3f} | {r['detector']['auc_after']:.3f} |",
+        f"| AUC of D, forks vs benign | {r['detector']['auc_forks_before']:.3f} | "
+        f"{r['detector']['auc_forks_after']:.3f} |",
         "",
         "| diagnostic (mean over steps) | value |",
         "|---|---|",

@@ -80,18 +80,29 @@ def choose_threshold(D_N: ArrayLike, error_N: ArrayLike) -> float:
     return float(cuts[int(np.argmax(tpr - fpr))])
 
 
-def detector_scores(error_N: ArrayLike, D_N: ArrayLike, divergent_N: ArrayLike) -> dict[str, float]:
+def detector_scores(error_N: ArrayLike, D_N: ArrayLike, divergent_N: ArrayLike,
+                    fork_N: ArrayLike | None = None) -> dict[str, float]:
     """The detector against ground truth: AUC of D for errors, precision/recall of the divergent set
     (for errors) and of the false-alarm calls (for benign candidates: fa_precision = benign share of
     the candidates called false alarms, fa_recall = share of benign candidates called false alarms),
-    and the benign fraction of the candidates (the paper's "false alarms" when measured by truth)."""
+    and the benign fraction of the candidates (the paper's "false alarms" when measured by truth).
+
+    With fork_N (errors that are their response's first unrecoverable token): auc_forks = AUC of D
+    for forks against benign candidates (the errors after a fork left out), after_error_frac = the
+    share of candidates that sit after their response's fork."""
     error = _as_array(error_N) != 0
     divergent = _as_array(divergent_N) != 0
     n = error.size
     tp = int((error & divergent).sum())
     tn = int((~error & ~divergent).sum())
     nan = float("nan")
-    return {
+    extra = {}
+    if fork_N is not None:
+        fork = (_as_array(fork_N) != 0) & error
+        keep = ~error | fork
+        extra = {"gt/auc_forks": roc_auc(_as_array(D_N)[keep], fork[keep]), "gt/forks": float(fork.sum()),
+                 "gt/after_error_frac": float((error & ~fork).mean()) if n else nan}
+    return {**extra,
         "gt/num_candidates": float(n),
         "gt/benign_frac": float((~error).mean()) if n else nan,
         "gt/auc": roc_auc(D_N, error),

@@ -23,18 +23,18 @@ from services.trainer.embeddings import student_table, teacher_table
 from services.trainer.objective import candidate_positions
 from services.trainer.settings import TrainerSettings
 from services.trainer.step import StepConfig, score
-from services.trainer.task_api import resolve_task
+from services.trainer.task_api import CandidateTruth, candidate_truth, resolve_task
 from topd_client.errors import ConfigurationError
 
 
 @dataclass(frozen=True)
 class DetectorProbe:
-    """One batch's detection: per-candidate D, loss and ground-truth label, and the summary metrics."""
+    """One batch's detection: per-candidate D, loss and ground truth, and the summary metrics."""
 
     metrics: dict[str, float]
     D_N: np.ndarray = field(repr=False)
     loss_N: np.ndarray = field(repr=False)
-    error_N: np.ndarray | None = field(repr=False)  # None when the task cannot label these prompts
+    truth: CandidateTruth | None = field(repr=False)  # None when the task cannot label these prompts
 
 
 def detector_settings(s: TrainerSettings) -> dict[str, Any]:
@@ -76,9 +76,9 @@ def probe_detector(s: TrainerSettings, records: Sequence[dict[str, Any]], *, sam
         return DetectorProbe(metrics, np.zeros(0), np.zeros(0), None)
     det = found.detection
     rows, cols = candidate_positions(det.candidates_BT)
-    error_N = task.error_labels(samples.records, [r.tolist() for r in samples.response_ids], rows.tolist(),
-                                cols.tolist(), tokenizer)
-    if error_N is not None:
-        metrics.update(detector_scores(error_N, det.D_N, det.divergent_N))
+    truth = candidate_truth(task, samples.records, [r.tolist() for r in samples.response_ids], rows.tolist(),
+                            cols.tolist(), tokenizer)
+    if truth is not None:
+        metrics.update(detector_scores(truth.error_N, det.D_N, det.divergent_N, truth.fork_N))
     loss_N = loss_BT(batch)[det.candidates_BT.bool()].double().numpy()
-    return DetectorProbe(metrics, det.D_N.numpy(), loss_N, error_N)
+    return DetectorProbe(metrics, det.D_N.numpy(), loss_N, truth)
