@@ -58,6 +58,14 @@ def test_demo_quick_end_to_end(tmp_path, mini_models):
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     assert report["tensorboard"] == f"tensorboard --logdir {run_dir / 'tb'}" and report["tensorboard"] in res.stdout
     assert "accuracy" in res.stdout and "served by teacher: hf" in res.stdout
+    # the detector against ground truth, on the starting and the final student, with its settings
+    det = report["detector"]
+    assert det["candidates_before"] > 0 and det["candidates_after"] > 0
+    assert 0.0 <= det["benign_frac_before"] <= 1.0 and det["settings"]["window"] == 8
+    gap = report["teacher_accuracy"] - report["accuracy_before"]
+    if gap > 0:
+        assert report["gap_closed"] == pytest.approx((report["accuracy_after"] - report["accuracy_before"]) / gap)
+    assert report["eval_best"] == max(a for _, a in report["eval_curve"][1:])
     assert not any(_port_open(p) for p in _ports_from_logs(run_dir))  # services are gone
 
 

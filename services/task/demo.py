@@ -24,8 +24,8 @@ import numpy as np
 
 from services.common.launch import free_port, service
 from services.task import arith
-from services.task.models import DEFAULT_PRESET, max_new_tokens_for, preset, progress_bar
-from services.task.prepare import prepare_builtin
+from services.task.models import DEFAULT_PRESET, max_new_tokens_for, progress_bar
+from services.task.tasks import prepare_task, task_config
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class DemoConfig:
     """What the demo runs; `quick` is a short run (tests, smoke runs)."""
 
     quick: bool = False
-    task: str = DEFAULT_PRESET
+    task: str = DEFAULT_PRESET  # a built-in task (services.task.tasks.BUILTIN_TASKS)
     run_dir: Path = Path("runs/demo")
     objective: str = "topd"
     steps: int | None = None
@@ -99,7 +99,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns the report (also written to run_dir/report.json)."""
     from transformers import AutoTokenizer
 
-    from services.trainer import load_settings, train
+    from services.trainer import load_settings, probe_detector, train
     from topd_client import RolloutClient, TeacherClient
 
     t_start = time.perf_counter()
@@ -108,10 +108,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     report_to = cfg.tracking()
     print(f"preparing the built-in task {cfg.task!r} (cached after the first run)...", flush=True)
-    models = prepare_builtin(task=cfg.task, progress=cfg.progress)
+    models = prepare_task(cfg.task, progress=cfg.progress)
     timing["prepare"] = time.perf_counter() - t_start
     names = {role: f"builtin:{cfg.task}/{role}" for role in ("teacher", "student")}
-    max_tokens = max_new_tokens_for(preset(cfg.task).task)
+    max_tokens = max_new_tokens_for(task_config(cfg.task))
     tokenizer = AutoTokenizer.from_pretrained(models.student_dir)
     test = _records(models.test_jsonl, cfg.test_size)
     val = _records(models.val_jsonl, cfg.eval_size)  # what the trainer evaluates on (the task's default eval data)
@@ -144,10 +144,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             "rollout_address": rollout_proc.address, "eval_size": cfg.eval_size,
             "eval_every": 2 if cfg.quick else 20, "output_dir": str(run_dir), "http_port": free_port(),
             "max_steps": cfg.max_steps, "objective": cfg.objective, "max_new_tokens": max_tokens,
-            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo",
+            "seed": cfg.seed, "progress": cfg.progress, "checkpoint_every": 0, "client_id": "demo", "task": cfg.task,
             "overwrite": True,  # each demo is a new run in its run dir
             "report_to": report_to, **_demo_defaults(cfg.quick), **cfg.train_overrides,
         })
+        probe = test[: 8 if cfg.quick else 32]
+        t0 = time.perf_counter()
+        detector_before = probe_detector(settings, probe)
+        timing["detector_probe"] = time.perf_counter() - t0
         pids = [teacher_proc.proc.pid, rollout_proc.proc.pid]
         t0, cpu0 = time.perf_counter(), _cpu_seconds(pids)
         result = train(settings)
@@ -155,6 +159,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student after, test", cfg.progress)
         timing["eval_student_after"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        detector_after = probe_detector(settings.model_copy(update={"student_model": str(result.final_model)}), probe)
+        timing["detector_probe"] += time.perf_counter() - t0
     rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
     report = {
         "objective": cfg.objective, "task": cfg.task, "steps": result.steps, "test_problems": len(test),
@@ -162,6 +169,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "eval_problems": len(val), "eval_curve": [(0, before_val), *result.eval_accuracy],
         **_convergence(before, after, teacher_acc, result.eval_accuracy),
         "diagnostics": _mean_diagnostics(rows), "engines": engines,
+        "detector": detector_report(detector_before, detector_after, settings, len(probe)),
         "tensorboard": f"tensorboard --logdir {run_dir / 'tb'}" if "tensorboard" in report_to else None,
         "timing_s": {k: round(v, 1) for k, v in timing.items()}, "train_cpu_s": round(train_cpu_s, 1),
         "wall_s": round(time.perf_counter() - t_start, 1), "run_dir": str(run_dir),
@@ -214,8 +222,24 @@ def _convergence(before: float, after: float, teacher: float, curve: list[tuple[
             "eval_best": max(accs) if accs else float("nan"), "eval_last": accs[-1] if accs else float("nan")}
 
 
+def detector_report(before, after, settings, n_prompts: int) -> dict[str, Any]:
+    """The near-future detector against the task's ground truth on the same fixed batch, on the starting
+    student and the final one (`services.trainer.probe_detector`), with the settings it ran with."""
+    from services.trainer import detector_settings
+
+    def get(probe, key: str) -> float:
+        return float(probe.metrics.get(key, float("nan")))
+
+    return {"benign_frac_before": get(before, "gt/benign_frac"), "auc_before": get(before, "gt/auc"),
+            "benign_frac_after": get(after, "gt/benign_frac"), "auc_after": get(after, "gt/auc"),
+            "auc_forks_before": get(before, "gt/auc_forks"), "auc_forks_after": get(after, "gt/auc_forks"),
+            "candidates_before": get(before, "gt/num_candidates"), "candidates_after": get(after, "gt/num_candidates"),
+            "probe": f"{n_prompts} test prompts x 2 samples, the same seed before and after",
+            "settings": detector_settings(settings)}
+
+
 DIAG_KEYS = ("opd/reverse_kl", "opd/entropy", "topd/false_alarm_frac", "topd/mean_ot", "topd/pearson", "topd/spearman",
-             "topd/num_divergent", "topd/traj_kl", "gt/auc", "gt/precision", "gt/recall", "gt/benign_frac",
+             "topd/num_divergent", "topd/traj_kl", "gt/auc", "gt/auc_forks", "gt/precision", "gt/recall", "gt/benign_frac",
              "time/step")
 
 
@@ -248,6 +272,14 @@ def format_report(r: dict[str, Any]) -> str:
         "",
         f"Validation: best {r['eval_best']:.1%}, last {r['eval_last']:.1%}. Training: {r['timing_s']['train']:.0f} s "
         f"({r['train_cpu_s']:.0f} CPU-seconds of trainer and services: about the wall-clock time on 2 idle cores).",
+        "",
+        "| detector vs ground truth | before | after |",
+        "|---|---|---|",
+        f"| benign fraction of high-loss tokens | {r['detector']['benign_frac_before']:.3f} | "
+        f"{r['detector']['benign_frac_after']:.3f} |",
+        f"| AUC of D for errors | {r['detector']['auc_before']:.3f} | {r['detector']['auc_after']:.3f} |",
+        f"| AUC of D, forks vs benign | {r['detector']['auc_forks_before']:.3f} | "
+        f"{r['detector']['auc_forks_after']:.3f} |",
         "",
         "| diagnostic (mean over steps) | value |",
         "|---|---|",

@@ -12,7 +12,8 @@ import numpy as np
 from services.common.model_files import data_dir
 from services.task import arith
 from services.task.ground_truth import candidate_error_labels
-from services.task.prepare import BuiltinModels, prepare_builtin
+from services.task.prepare import BuiltinModels
+from services.task.tasks import prepare_task
 
 ROLES = ("teacher", "student")
 
@@ -30,7 +31,7 @@ class ArithTask:
         """The prepared cache entry under $TOPD_DATA_DIR (installed or built on first use)."""
         root = data_dir()
         if root not in self._built:
-            self._built[root] = prepare_builtin(root, seed=self.seed, task=self.name)
+            self._built[root] = prepare_task(self.name, root, seed=self.seed)
         return self._built[root]
 
     def model_dir(self, role: str) -> Path:

@@ -9,6 +9,8 @@ _PUBLIC = {
     "load_settings": "services.trainer.settings", "train": "services.trainer.run",
     "TrainResult": "services.trainer.run", "Task": "services.trainer.task_api",
     "greedy_accuracy": "services.trainer.evaluate", "detector_scores": "services.trainer.diagnostics",
+    "choose_threshold": "services.trainer.diagnostics", "probe_detector": "services.trainer.probe",
+    "detector_settings": "services.trainer.probe",
 }
 __all__ = sorted(_PUBLIC)
 

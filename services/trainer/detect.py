@@ -32,14 +32,17 @@ class DetectionConfig:
     max_candidates: int | None
     window: int
     window_temperature: float
+    divergent_rule: str  # "fraction" | "threshold" (objective.divergent_set)
     divergent_frac: float
+    divergent_threshold: float | None
     one_hot: bool  # embedding == "one_hot": D over token identity instead of an embedding table
     ot: OTConfig
 
     @classmethod
     def from_settings(cls, s: DetectionSettings) -> "DetectionConfig":
         return cls(s.candidate_frac, s.candidate_scope, s.max_candidates, s.window, s.window_temperature,
-                   s.divergent_frac, s.embedding == "one_hot", OTConfig(solver=s.ot_solver, eps=s.ot_eps))
+                   s.divergent_rule, s.divergent_frac, s.divergent_threshold, s.embedding == "one_hot",
+                   OTConfig(solver=s.ot_solver, eps=s.ot_eps))
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,8 @@ def detect(batch: ScoredBatch, clients: ServiceClients, table_Vd: Tensor | None,
     branches = clients.branch(prefixes, window=cfg.window, temperature=cfg.window_temperature, top_k=traj_top_k,
                               seed=seed)
     D_N = divergence(branches, cfg, table_Vd)
-    return DetectionResult(obj.Detection(cand_BT, D_N, obj.divergent_by_fraction(D_N, cfg.divergent_frac)), branches)
+    divergent_N = obj.divergent_set(D_N, cfg.divergent_rule, cfg.divergent_frac, cfg.divergent_threshold)
+    return DetectionResult(obj.Detection(cand_BT, D_N, divergent_N), branches)
 
 
 def windows(completions: list, K: int) -> Windows:

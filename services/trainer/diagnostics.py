@@ -59,19 +59,57 @@ def roc_auc(scores: ArrayLike, labels: ArrayLike) -> float:
     return float(stats.mannwhitneyu(s[pos], s[~pos], alternative="two-sided").statistic / (n_pos * n_neg))
 
 
-def detector_scores(error_N: ArrayLike, D_N: ArrayLike, divergent_N: ArrayLike) -> dict[str, float]:
-    """The detector against ground truth: AUC of D for errors, precision/recall of the divergent set,
-    and the benign fraction of the candidates (the paper's "false alarms" when measured by truth)."""
+def choose_threshold(D_N: ArrayLike, error_N: ArrayLike) -> float:
+    """The bar for `divergent_rule=threshold`, chosen on labelled held-out candidates: the D threshold
+    (divergent = D > threshold) that maximises Youden's J = recall of errors - false-positive rate on
+    benign candidates, placed midway between two adjacent observed values of D (the lowest such
+    threshold when several tie). J weighs both classes equally, so the bar does not depend on how
+    many benign candidates the held-out batch happened to have.
+    """
+    D, error = _as_array(D_N), _as_array(error_N) != 0
+    if D.size != error.size:
+        raise InvalidInputError(f"{D.size} values of D but {error.size} labels")
+    if error.all() or not error.any():
+        raise InvalidInputError("choosing a threshold needs both benign and error candidates")
+    values = np.unique(D)
+    if values.size == 1:
+        return float(values[0])
+    cuts = (values[:-1] + values[1:]) / 2
+    tpr = (D[error][None, :] > cuts[:, None]).mean(axis=1)
+    fpr = (D[~error][None, :] > cuts[:, None]).mean(axis=1)
+    return float(cuts[int(np.argmax(tpr - fpr))])
+
+
+def detector_scores(error_N: ArrayLike, D_N: ArrayLike, divergent_N: ArrayLike,
+                    fork_N: ArrayLike | None = None) -> dict[str, float]:
+    """The detector against ground truth: AUC of D for errors, precision/recall of the divergent set
+    (for errors) and of the false-alarm calls (for benign candidates: fa_precision = benign share of
+    the candidates called false alarms, fa_recall = share of benign candidates called false alarms),
+    and the benign fraction of the candidates (the paper's "false alarms" when measured by truth).
+
+    With fork_N (errors that are their response's first unrecoverable token): auc_forks = AUC of D
+    for forks against benign candidates (the errors after a fork left out), after_error_frac = the
+    share of candidates that sit after their response's fork."""
     error = _as_array(error_N) != 0
     divergent = _as_array(divergent_N) != 0
     n = error.size
     tp = int((error & divergent).sum())
-    return {
+    tn = int((~error & ~divergent).sum())
+    nan = float("nan")
+    extra = {}
+    if fork_N is not None:
+        fork = (_as_array(fork_N) != 0) & error
+        keep = ~error | fork
+        extra = {"gt/auc_forks": roc_auc(_as_array(D_N)[keep], fork[keep]), "gt/forks": float(fork.sum()),
+                 "gt/after_error_frac": float((error & ~fork).mean()) if n else nan}
+    return {**extra,
         "gt/num_candidates": float(n),
-        "gt/benign_frac": float((~error).mean()) if n else float("nan"),
+        "gt/benign_frac": float((~error).mean()) if n else nan,
         "gt/auc": roc_auc(D_N, error),
-        "gt/precision": tp / int(divergent.sum()) if divergent.any() else float("nan"),
-        "gt/recall": tp / int(error.sum()) if error.any() else float("nan"),
+        "gt/precision": tp / int(divergent.sum()) if divergent.any() else nan,
+        "gt/recall": tp / int(error.sum()) if error.any() else nan,
+        "gt/fa_precision": tn / int((~divergent).sum()) if (~divergent).any() else nan,
+        "gt/fa_recall": tn / int((~error).sum()) if (~error).any() else nan,
         "gt/tp": float(tp), "gt/errors": float(error.sum()), "gt/divergent": float(divergent.sum()),
     }
 

@@ -225,6 +225,20 @@ def divergent_by_threshold(D_N: Tensor, threshold: float) -> Tensor:
     return D_N > threshold
 
 
+DIVERGENT_RULES = ("fraction", "threshold")
+
+
+def divergent_set(D_N: Tensor, rule: str, divergent_frac: float, threshold: float | None) -> Tensor:
+    """The divergent candidates by `rule`: "fraction" (`divergent_by_fraction`, a fixed share of every
+    batch) or "threshold" (`divergent_by_threshold`, a fixed bar on D). [N] -> bool [N]."""
+    check_choice("divergent rule", rule, DIVERGENT_RULES)
+    if rule == "fraction":
+        return divergent_by_fraction(D_N, divergent_frac)
+    if threshold is None:
+        raise ConfigurationError("divergent_rule=threshold needs a threshold on D")
+    return divergent_by_threshold(D_N, threshold)
+
+
 @dataclass(frozen=True)
 class Detection:
     """One batch's near-future test."""

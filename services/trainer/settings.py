@@ -143,10 +143,23 @@ class DetectionSettings(_Group):
                                                                   "(embedding=teacher)")
     ot_solver: Literal["exact", "sinkhorn"] = Field("exact", description="OT solver")
     ot_eps: float = Field(0.05, gt=0, description="Sinkhorn regularisation")
+    divergent_rule: Literal["fraction", "threshold"] = Field(
+        "fraction", description="Which candidates are divergent: the top divergent_frac by D (fraction), or those "
+                                "with D > divergent_threshold (threshold)")
     divergent_frac: float = Field(0.7, gt=0, le=1, description="Top fraction of D among candidates called divergent")
+    divergent_threshold: float | None = Field(None, ge=0, le=2, description="D above which a candidate is divergent "
+                                                                           "(divergent_rule=threshold; choose it on "
+                                                                           "held-out data: python -m bench.detector)")
     alpha: float = Field(0.0, ge=0, le=1, description="Weight of suppressed tokens")
     ground_truth: bool = Field(True, description="Score the detector against the task's benign/error labels, "
                                                  "when the task has them")
+
+    @model_validator(mode="after")
+    def _threshold(self) -> "DetectionSettings":
+        if self.divergent_rule == "threshold" and self.divergent_threshold is None:
+            raise ValueError("divergent_rule=threshold needs divergent_threshold (a D in [0, 2]; bench/detector.py "
+                             "chooses one on held-out data)")
+        return self
 
     @model_validator(mode="after")
     def _teacher_table(self) -> "DetectionSettings":

@@ -16,7 +16,7 @@ from services.trainer.objective import Detection, candidate_positions
 from services.trainer.settings import TrainerSettings
 from services.trainer.state import TrainState
 from services.trainer.step import PhaseTimer, Probe
-from services.trainer.task_api import Task
+from services.trainer.task_api import Task, candidate_truth
 
 
 def evaluation(s: TrainerSettings, task: Task | None, state: TrainState, clients: ServiceClients,
@@ -48,9 +48,10 @@ def ground_truth_probe(task: Task, tokenizer: Any) -> Probe:
 
     def probe(batch, detection: Detection) -> dict[str, float]:
         rows, cols = candidate_positions(detection.candidates_BT)
-        labels = task.error_labels(batch.samples.records, [r.tolist() for r in batch.samples.response_ids],
-                                   rows.tolist(), cols.tolist(), tokenizer)
-        return {} if labels is None else detector_scores(labels, detection.D_N, detection.divergent_N)
+        truth = candidate_truth(task, batch.samples.records, [r.tolist() for r in batch.samples.response_ids],
+                                rows.tolist(), cols.tolist(), tokenizer)
+        return {} if truth is None else detector_scores(truth.error_N, detection.D_N, detection.divergent_N,
+                                                        truth.fork_N)
 
     return probe
 
