@@ -385,9 +385,12 @@ def test_cancels_deadlines_and_shutdown_are_logged_without_a_traceback(tiny_mode
                 future = stub.Score.future(request, timeout=60)
                 time.sleep(0.2)
                 future.cancel()
-            with pytest.raises(grpc.RpcError) as err:  # deadline passes while waiting for the batch
-                stub.Score(request, timeout=0.3)
+            ahead = [stub.Score.future(request, timeout=60) for _ in range(4)]  # one batch each, run in turn
+            with pytest.raises(grpc.RpcError) as err:  # deadline passes while waiting behind them
+                stub.Score(request, timeout=0.05)
             assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            for f in ahead:
+                f.result()
             in_flight = [stub.Score.future(request, timeout=60) for _ in range(8)]  # one batch each, run in turn
             time.sleep(0.1)
             run.stop(grace=0)  # shutdown cancels what is in flight

@@ -24,6 +24,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from services.common.model_files import data_dir as default_data_dir
 from services.task import arith
@@ -163,25 +164,36 @@ def prepare_builtin(data_dir: Path | None = None, seed: int = 0, progress: bool 
     root = Path(data_dir or default_data_dir()).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     key = cache_key(task, seed, cfg)
+
+    def build(tmp: Path) -> dict:
+        splits = write_splits(tmp, cfg, seed)
+        bundle = shipped.find(key)
+        if bundle is not None and not rebuild:
+            return shipped.install(bundle, tmp, progress)
+        info = _build(tmp, cfg, seed, splits, progress)
+        if bundle is not None:
+            info["matches_shipped"] = shipped.compare(bundle, tmp)
+        return info
+
+    return cached_entry(root, key, build, rebuild)
+
+
+def cached_entry(root: Path, key: str, build: Callable[[Path], dict], rebuild: bool = False) -> BuiltinModels:
+    """The entry root/key: reused when its build.json exists (unless rebuild), else build(tmp) fills a
+    temporary directory that is renamed into place, under a file lock (another process may be building
+    the same entry); a failed or interrupted build leaves nothing behind."""
     final = root / key
     if not rebuild and (final / "build.json").exists():
         return _entry(final, json.loads((final / "build.json").read_text()))
     with (root / f".{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same entry
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not rebuild and (final / "build.json").exists():
             return _entry(final, json.loads((final / "build.json").read_text()))
         tmp = root / f".{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            splits = write_splits(tmp, cfg, seed)
-            bundle = shipped.find(key)
-            if bundle is not None and not rebuild:
-                info = shipped.install(bundle, tmp, progress)
-            else:
-                info = _build(tmp, cfg, seed, splits, progress)
-                if bundle is not None:
-                    info["matches_shipped"] = shipped.compare(bundle, tmp)
+            info = build(tmp)
             (tmp / "build.json").write_text(json.dumps(info, indent=1))
             if final.exists():  # rebuild: move the old entry aside first (os.replace needs an empty target)
                 old = root / f".{key}.old-{os.getpid()}"

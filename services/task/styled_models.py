@@ -17,11 +17,9 @@ file lock in a temporary directory renamed into place.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -34,7 +32,7 @@ from services.common.model_files import data_dir as default_data_dir
 from services.task import arith
 from services.task.arith import Problem, columns
 from services.task.models import TrainSpec, evaluate, generate_texts, max_new_tokens_for, train_sft
-from services.task.prepare import BuiltinModels, prepare_builtin
+from services.task.prepare import BuiltinModels, cached_entry, prepare_builtin
 from services.task.styled import STUDENT_STYLE, TEACHER_STYLE, Style, render_styled, restyle, step_form
 
 log = logging.getLogger(__name__)
@@ -150,14 +148,7 @@ def _build(out: Path, base: BuiltinModels, cfg: StyledConfig, seed: int, progres
             f.write(json.dumps({"prompt": p.prompt, "completion": completion}) + "\n")
     info = {"version": STYLED_VERSION, "seed": seed, "base": str(base.data_dir), "config": asdict(cfg),
             "teacher": teacher, "student": student, "total_seconds": round(time.perf_counter() - t_start, 1)}
-    (out / "build.json").write_text(json.dumps(info, indent=1))
     return info
-
-
-def _entry(root: Path, info: dict) -> BuiltinModels:
-    return BuiltinModels(teacher_dir=root / "teacher", student_dir=root / "student", data_dir=root,
-                         train_jsonl=root / "train.jsonl", val_jsonl=root / "val.jsonl", test_jsonl=root / "test.jsonl",
-                         teacher_samples_jsonl=root / "teacher_samples.jsonl", info=info)
 
 
 def prepare_styled(data_dir: Path | None = None, seed: int = 0, progress: bool = True,
@@ -170,24 +161,4 @@ def prepare_styled(data_dir: Path | None = None, seed: int = 0, progress: bool =
     key = f"styled-v{STYLED_VERSION}-{base.data_dir.name}"
     if config != StyledConfig():
         key += "-" + hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
-    final = root / key
-    if not rebuild and (final / "build.json").exists():
-        return _entry(final, json.loads((final / "build.json").read_text()))
-    with (root / f".{key}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be building the same entry
-        if not rebuild and (final / "build.json").exists():
-            return _entry(final, json.loads((final / "build.json").read_text()))
-        tmp = root / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            info = _build(tmp, base, config, seed, progress)
-            if final.exists():  # rebuild: move the old entry aside first (os.replace needs an empty target)
-                old = root / f".{key}.old-{os.getpid()}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return _entry(final, info)
+    return cached_entry(root, key, lambda tmp: _build(tmp, base, config, seed, progress), rebuild)
