@@ -4,6 +4,7 @@ at equal steps, equal wall-clock and equal teacher tokens, over seeds.
     python -m bench.quality                  # the full plan: every method, lr sweep, 5 seeds (hours on 2 cores)
     python -m bench.quality --quick          # smoke: 2 methods + SFT, 2 seeds, 4 steps (a few minutes)
     python -m bench.quality --methods opd:full,sft --seeds 3 --steps 60
+    python -m bench.quality --task styled --methods opd:full,opd_suppress:full,opd_suppress_control:full,topd:full
 
 The plan, every method trained from the same warmed-up student against the same teacher service:
 
@@ -48,6 +49,12 @@ ALL_METHODS = tuple(f"{o}:{e}" for o in ("opd", "topd") for e in ESTIMATORS) + (
 ON_POLICY_LRS = (2.5e-4, 5e-4, 1e-3)
 SFT_LRS = (5e-4, 1e-3, 2e-3)
 BEGIN, END = "<!-- quality:begin (python -m bench.quality) -->", "<!-- quality:end -->"
+
+
+def markers(task: str) -> tuple[str, str]:
+    """The report's place in docs/results.md: one pair of markers per task."""
+    return (BEGIN, END) if task == "arith" else (f"<!-- quality:begin {task} (python -m bench.quality --task {task}) -->",
+                                                  f"<!-- quality:end {task} -->")
 REUSE_WITHIN = 0.15  # a budget plan within 15% of `steps` reuses the `steps` runs
 MAX_EXTENSIONS = 2  # grid points added beyond an edge that holds the best lr
 
@@ -57,6 +64,7 @@ class Plan:
     """What the bench runs; `full` and `quick` are the two presets."""
 
     methods: tuple[str, ...] = ALL_METHODS
+    task: str = "arith"  # a built-in task (services.task.tasks.BUILTIN_TASKS)
     steps: int = 100
     seeds: int = 5
     on_policy_lrs: tuple[float, ...] = ON_POLICY_LRS
@@ -175,8 +183,8 @@ class Bench:
 
     def _on_policy(self, key: RunKey, out: Path, marks: list[float]) -> dict[str, Any]:
         from services.common.launch import free_port
-        from services.task.arith import TaskConfig
         from services.task.models import max_new_tokens_for
+        from services.task.tasks import task_config
         from services.trainer import load_settings, train
 
         objective, estimator = key.method.split(":")
@@ -186,8 +194,8 @@ class Bench:
             "rollout_address": self.rollout.address, "train_file": str(self.models.train_jsonl),
             "output_dir": str(out), "http_port": free_port(), "max_steps": key.steps, "objective": objective,
             "opd_estimator": estimator, "lr": key.lr, "seed": key.seed, "prompts_per_step": p.prompts_per_step,
-            "samples_per_prompt": p.samples_per_prompt, "max_new_tokens": max_new_tokens_for(TaskConfig()),
-            "progress": False, "checkpoint_every": 0, "client_id": f"quality-{key.method}", "task": "arith",
+            "samples_per_prompt": p.samples_per_prompt, "max_new_tokens": max_new_tokens_for(task_config(p.task)),
+            "progress": False, "checkpoint_every": 0, "client_id": f"quality-{key.method}", "task": p.task,
             **_bench_defaults(), **p.overrides})
         result = train(s, on_step=lambda step, metrics: marks.append(self._cpu_s()))
         rows = [json.loads(line) for line in result.metrics_file.read_text().splitlines()]
@@ -202,8 +210,8 @@ class Bench:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from services.task.arith import TaskConfig
         from services.task.models import max_new_tokens_for
+        from services.task.tasks import task_config
         from services.trainer.data import PromptStream, read_jsonl
         from services.trainer.state import lr_factor
         from topd_client import TeacherClient
@@ -216,7 +224,7 @@ class Bench:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(
             i, d["warmup_steps"], key.steps, d["lr_schedule"], d["min_lr_ratio"]))
         stream = PromptStream(read_jsonl(self.models.train_jsonl), key.seed)
-        max_tokens = max_new_tokens_for(TaskConfig())
+        max_tokens = max_new_tokens_for(task_config(p.task))
         wall, tokens, losses = 0.0, 0, []
         with TeacherClient(self.teacher.address, client_id="quality-sft") as teacher:
             for step in range(1, key.steps + 1):
@@ -234,7 +242,7 @@ class Bench:
                 opt.step()
                 sched.step()
                 wall += time.perf_counter() - t0
-                losses.append(float(loss))
+                losses.append(loss.item())
                 marks.append(self._cpu_s())
         final = out / "final"
         model.save_pretrained(final, safe_serialization=True)
@@ -277,10 +285,14 @@ def _bench_defaults() -> dict[str, Any]:
     return {k: v for k, v in _demo_defaults(False).items() if k in keep}
 
 
+# the detector against the task's ground truth, logged by the trainer at every step (services/trainer/setup.py)
+DETECTOR_KEYS = ("gt/benign_frac", "gt/auc", "gt/auc_forks", "gt/fa_precision", "gt/fa_recall", "topd/mean_ot")
+
+
 def _diagnostics(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Means over the first and the last 10 steps of what the convergence study watches."""
     keys = ("opd/reverse_kl", "opd/entropy", "opd/adv_var", "opd/clip_frac", "opd/rho_mean", "opd/sampler_logp_gap",
-            "response_len_mean", "finish_stop_frac", "grad_norm", "time/step")
+            "response_len_mean", "finish_stop_frac", "grad_norm", "time/step", *DETECTOR_KEYS)
     out = {}
     for part, chunk in (("first10", rows[:10]), ("last10", rows[-10:])):
         for k in keys:
@@ -300,7 +312,7 @@ def run_plan(bench: Bench, plan: Plan, only_steps: bool = False) -> dict[str, An
     for method in plan.methods:
         grid = sorted(plan.lrs(method))
         runs = {lr: bench.result(RunKey(method, lr, 0, plan.steps), with_val=len(grid) > 1) for lr in grid}
-        for _ in range(MAX_EXTENSIONS):  # the best at an edge of the grid: one more point beyond it
+        for _ in range(MAX_EXTENSIONS if len(grid) > 1 else 0):  # the best at an edge: one more point beyond it
             nxt = extend_grid(sorted(runs), {lr: r["val_acc"] for lr, r in runs.items()})
             if nxt is None:
                 break
@@ -398,16 +410,28 @@ def report(plan: Plan, out: dict[str, Any], teacher_acc: float, student_acc: flo
         lines.append(f"| {m} | " + " | ".join(two(k) for k in ("opd/reverse_kl", "opd/entropy", "opd/adv_var",
                                                              "opd/clip_frac", "opd/sampler_logp_gap",
                                                              "response_len_mean", "finish_stop_frac")) + " |")
+    detecting = [m for m in plan.methods if m.split(":")[0] in ("topd", "opd_suppress", "opd_suppress_control")]
+    if detecting:
+        lines += ["", "**detector vs ground truth** (seed 0, mean over the first / last 10 steps: benign fraction of "
+                  "the candidates, AUC of D for errors and for forks vs benign, precision / recall of the false-alarm "
+                  "calls, mean local OT)", "", "| method | " + " | ".join(DETECTOR_KEYS) + " |",
+                  "|---|" + "---|" * len(DETECTOR_KEYS)]
+        for m in detecting:
+            dg = out["comparisons"]["steps"][m][0]["diagnostics"]
+            lines.append(f"| {m} | " + " | ".join(
+                "–" if dg.get(f"{k}@first10") is None else f"{dg[f'{k}@first10']:.3f} / {dg[f'{k}@last10']:.3f}"
+                for k in DETECTOR_KEYS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_between_markers(path: Path, body: str) -> None:
-    """Replace the text between BEGIN and END in `path` (appended, with the markers, when absent)."""
+def write_between_markers(path: Path, body: str, task: str = "arith") -> None:
+    """Replace the text between the task's markers in `path` (appended, with the markers, when absent)."""
+    begin, end = markers(task)
     text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{body}{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{begin}\n{body}{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = (text.rstrip() + "\n\n" if text else "") + block + "\n"
     path.write_text(text)
@@ -415,6 +439,7 @@ def write_between_markers(path: Path, body: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--task", default="arith", help="Built-in task: arith (default), arith-mini or styled")
     ap.add_argument("--methods", default=None, help="Comma-separated methods (objective:estimator or sft)")
     ap.add_argument("--steps", type=int, default=None, help="Steps of the equal-steps runs and the sweep")
     ap.add_argument("--seeds", type=int, default=None, help="Seeds per method")
@@ -422,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sft-lrs", default=None, help="Comma-separated SFT learning rates to sweep")
     ap.add_argument("--reference", default=None, help="Method whose cost at --steps sets the budgets")
     ap.add_argument("--n-test", type=int, default=None)
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="Run cache (resumable)")
+    ap.add_argument("--work", type=Path, default=None, help="Run cache (resumable; default runs/quality/<task>)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--set", action="append", default=[], help="Trainer override key=value for every on-policy run")
     ap.add_argument("--only-steps", action="store_true", help="Only the sweep and the seeds at --steps, no report "
@@ -435,12 +460,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.common.launch import service
     from services.task.models import evaluate
-    from services.task.prepare import prepare_builtin
+    from services.task.tasks import BUILTIN_TASKS, prepare_task
 
     plan = QUICK if args.quick else Plan()
     floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
     plan = replace(plan, **{k: v for k, v in {
-        "methods": tuple(m for m in (args.methods or "").split(",") if m) or None,
+        "methods": tuple(m for m in (args.methods or "").split(",") if m) or None, "task": args.task,
         "steps": args.steps, "seeds": args.seeds, "n_test": args.n_test, "reference": args.reference,
         "on_policy_lrs": floats(args.lrs) if args.lrs else None, "sft_lrs": floats(args.sft_lrs) if args.sft_lrs else None,
         "overrides": {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)} or None,
@@ -448,8 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     for m in plan.methods:
         if m != "sft" and (m.count(":") != 1 or m.split(":")[1] not in ESTIMATORS):
             ap.error(f"unknown method {m!r}: objective:estimator (estimator one of {', '.join(ESTIMATORS)}) or sft")
+    if args.task not in BUILTIN_TASKS:
+        ap.error(f"unknown task {args.task!r}: one of {', '.join(BUILTIN_TASKS)}")
+    args.work = args.work or ROOT / "runs" / "quality" / args.task
     t_start = time.time()
-    models = prepare_builtin()
+    models = prepare_task(args.task)
     args.work.mkdir(parents=True, exist_ok=True)
     with service("teacher", models.teacher_dir, args.work, "--engine", "hf") as teacher, \
             service("rollout", models.student_dir, args.work, "--engine", "hf") as rollout:
@@ -466,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     student_acc = evaluate(models.student_dir, None, bench.test)
     body = report(plan, out, teacher_acc, student_acc, time.time() - t_start, sys.argv[1:] if argv is None else argv)
     (args.work / "results.json").write_text(json.dumps(out, indent=1, default=str))
-    write_between_markers(args.out, body)
+    write_between_markers(args.out, body, plan.task)
     print(body)
     return 0
 

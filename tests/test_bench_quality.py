@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from bench.quality import (BEGIN, END, REUSE_WITHIN, bootstrap_ci, extend_grid, paired_differences,
-                           planned_steps, steps_cpu_s, write_between_markers)
+                           markers, planned_steps, steps_cpu_s, write_between_markers)
 
 
 def test_bootstrap_ci_by_hand() -> None:
@@ -56,3 +56,48 @@ def test_write_between_markers_keeps_the_rest(tmp_path) -> None:
     doc.write_text("# Results\n\nintro\n\n" + doc.read_text() + "\n## What it says\n\nanalysis\n")
     write_between_markers(doc, "table 2\n")
     assert doc.read_text() == f"# Results\n\nintro\n\n{BEGIN}\ntable 2\n{END}\n\n## What it says\n\nanalysis\n"
+
+
+def test_each_task_has_its_own_block(tmp_path) -> None:
+    doc = tmp_path / "results.md"
+    write_between_markers(doc, "arith 1\n")
+    write_between_markers(doc, "styled 1\n", task="styled")
+    write_between_markers(doc, "arith 2\n")
+    begin, end = markers("styled")
+    assert doc.read_text() == f"{BEGIN}\narith 2\n{END}\n\n{begin}\nstyled 1\n{end}\n"
+
+
+class _FakeBench:
+    """Runs cost `cost[method]` CPU-seconds and teacher tokens a step; validation accuracy peaks at lr 2e-3
+    for "a", test accuracy is a function of (method, seed, steps): run_plan's bookkeeping, not training."""
+
+    cost = {"a:full": 1.0, "b:full": 2.0, "sft": 0.5}
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def result(self, key, with_val: bool = False) -> dict:
+        self.calls.append(key)
+        res = {"steps": key.steps, "cpu_s": self.cost[key.method] * key.steps,
+               "teacher_tokens": self.cost[key.method] * key.steps, "wall_s": 1.0,
+               "test_acc": 0.5 + 0.01 * key.seed + 0.001 * key.steps, "diagnostics": {}}
+        if with_val:
+            res["val_acc"] = -abs(key.lr - 2e-3) if key.method == "a:full" else -key.lr
+        return res
+
+
+def test_run_plan_sweeps_extends_and_plans_budgets() -> None:
+    from bench.quality import Plan, run_plan
+
+    plan = Plan(methods=("a:full", "b:full", "sft"), steps=10, seeds=2, on_policy_lrs=(5e-4, 1e-3),
+                sft_lrs=(1e-3,), reference="a:full")
+    bench = _FakeBench()
+    out = run_plan(bench, plan)
+    assert out["best_lr"] == {"a:full": pytest.approx(2e-3), "b:full": pytest.approx(1.25e-4), "sft": 1e-3}
+    assert sorted(out["sweep"]["a:full"]) == pytest.approx([5e-4, 1e-3, 2e-3, 4e-3])  # grew until 2e-3 was inside
+    assert len(out["sweep"]["b:full"]) == 4  # best at the low edge twice: at most MAX_EXTENSIONS = 2 more
+    assert out["sweep"]["sft"] == {1e-3: None}  # one lr: no sweep, no validation run
+    assert out["budgets"] == {"cpu_s": 10.0, "teacher_tokens": 10.0}  # the reference's cost at 10 steps
+    # equal budgets: b costs 2x a step -> 5 steps, sft 0.5x -> 20; a stays at 10
+    assert {m: r[0]["steps"] for m, r in out["comparisons"]["cpu_s"].items()} == {"a:full": 10, "b:full": 5, "sft": 20}
+    assert set(out["comparisons"]["steps"]["b:full"]) == {0, 1}

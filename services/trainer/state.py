@@ -77,4 +77,5 @@ def lr_factor(i: int, warmup: int, total: int, schedule: str, min_ratio: float) 
 
 
 def is_finite(x: torch.Tensor) -> bool:
-    return bool(torch.isfinite(x).all()) and not math.isnan(float(x))
+    """No NaN and no inf anywhere in x (a loss, a gradient norm)."""
+    return bool(torch.isfinite(x.detach()).all())
