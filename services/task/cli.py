@@ -18,7 +18,8 @@ _TASK_HELP = (f"Built-in task: {DEFAULT_PRESET} (the full task), arith-mini (a m
 
 def add_commands(sub) -> None:
     p = sub.add_parser("prepare", help="Install (shipped weights) or build the built-in task's teacher and student")
-    p.add_argument("--task", default=DEFAULT_PRESET, choices=BUILTIN_TASKS, help=_TASK_HELP)
+    p.add_argument("--task", default=os.environ.get("TOPD_TASK", DEFAULT_PRESET), choices=BUILTIN_TASKS,
+                   help=_TASK_HELP + " (default: $TOPD_TASK or arith)")
     p.add_argument("--data-dir", type=Path, default=None, help=_DATA_HELP)
     p.add_argument("--seed", type=int, default=0, help="Seed of the splits and the models (shipped weights: seed 0)")
     p.add_argument("--rebuild", action="store_true",
