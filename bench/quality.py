@@ -381,6 +381,7 @@ def report(plan: Plan, out: dict[str, Any], teacher_acc: float, student_acc: flo
                          f"{statistics.fmean(r['teacher_tokens'] for r in rs) / 1e3:.0f} | "
                          f"{_pct(*bootstrap_ci(list(accs.values())))} | {d} |")
         lines.append("")
+    lines += paired_table(out, plan.methods)
     lines += ["**learning-rate sweep** (seed 0, validation accuracy % at the end; the chosen lr in bold)", "",
               "| method | " + " | ".join(f"lr {lr:g}" for lr in sorted({lr for m in plan.methods
                                                                       for lr in plan.lrs(m)})) + " |"]
@@ -422,6 +423,31 @@ def report(plan: Plan, out: dict[str, Any], teacher_acc: float, student_acc: flo
                 "–" if dg.get(f"{k}@first10") is None else f"{dg[f'{k}@first10']:.3f} / {dg[f'{k}@last10']:.3f}"
                 for k in DETECTOR_KEYS) + " |")
     return "\n".join(lines) + "\n"
+
+
+# the paper's comparisons: TOPD against OPD, suppression of low-D candidates against suppressing high-D ones
+PAIRS = (("topd", "opd"), ("opd_suppress", "opd_suppress_control"), ("topd", "opd_suppress"))
+
+
+def paired_table(out: dict[str, Any], methods: Sequence[str]) -> list[str]:
+    """Differences in test accuracy between the paper's pairs (same estimator), paired by seed, for each
+    comparison; empty when no pair is in the plan."""
+    by_objective = {m.split(":")[0]: m for m in methods if m != "sft"}
+    pairs = [(by_objective[a], by_objective[b]) for a, b in PAIRS if a in by_objective and b in by_objective]
+    if not pairs:
+        return []
+    lines = ["**paired differences** (test accuracy, points: mean [95% bootstrap interval], paired by seed)", "",
+             "| difference | " + " | ".join(TITLES.values()) + " |", "|---|" + "---|" * len(TITLES)]
+    for a, b in pairs:
+        cells = []
+        for what in TITLES:
+            runs = out["comparisons"][what]
+            diffs = paired_differences({s: r["test_acc"] for s, r in runs[a].items()},
+                                       {s: r["test_acc"] for s, r in runs[b].items()})
+            m, lo, hi = bootstrap_ci(diffs)
+            cells.append("–" if not math.isfinite(m) else f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        lines.append(f"| {a} - {b} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def write_between_markers(path: Path, body: str, task: str = "arith") -> None:

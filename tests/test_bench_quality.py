@@ -101,3 +101,18 @@ def test_run_plan_sweeps_extends_and_plans_budgets() -> None:
     # equal budgets: b costs 2x a step -> 5 steps, sft 0.5x -> 20; a stays at 10
     assert {m: r[0]["steps"] for m, r in out["comparisons"]["cpu_s"].items()} == {"a:full": 10, "b:full": 5, "sft": 20}
     assert set(out["comparisons"]["steps"]["b:full"]) == {0, 1}
+
+
+def test_paired_table_compares_the_papers_pairs() -> None:
+    from bench.quality import paired_table
+
+    def runs(accs):
+        return {s: {"test_acc": a} for s, a in enumerate(accs)}
+
+    comparisons = {"topd:full": runs([0.7, 0.8]), "opd:full": runs([0.6, 0.6]), "sft": runs([0.9, 0.9])}
+    out = {"comparisons": {w: comparisons for w in ("steps", "cpu_s", "teacher_tokens")}}
+    lines = paired_table(out, ["opd:full", "topd:full", "sft"])
+    rows = [line for line in lines if line.startswith("| topd")]
+    # per-seed differences +10 and +20 points: mean +15, the bootstrap's 2.5% / 97.5% points are +10 / +20
+    assert rows == ["| topd:full - opd:full | " + " | ".join(["+15.0 [+10.0, +20.0]"] * 3) + " |"]
+    assert paired_table(out, ["opd:full", "sft"]) == []
