@@ -156,7 +156,9 @@ class Bench:
 
     def _cpu_s(self) -> float:
         """CPU seconds so far of this process (the trainer) and of both services."""
-        return time.process_time() + sum(_proc_cpu_s(p.proc.pid) for p in (self.teacher, self.rollout))
+        from services.common.launch import cpu_seconds
+
+        return cpu_seconds([self.teacher.proc.pid, self.rollout.proc.pid])
 
     def result(self, key: RunKey, with_val: bool = False) -> dict[str, Any]:
         """The run's result (cached in work/<name>/result.json), with its test (and val) accuracy."""
@@ -249,17 +251,6 @@ class Bench:
         tok.save_pretrained(final)
         return {"key": asdict(key), "final": str(final), "wall_s": wall, "teacher_tokens": float(tokens),
                 "steps": key.steps, "diagnostics": {"loss_last10": statistics.fmean(losses[-10:])}}
-
-
-def _proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (Linux /proc; 0 elsewhere)."""
-    import os
-
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
 
 
 def _sft_loss(model, pairs: list, pad_id: int):

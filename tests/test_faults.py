@@ -145,10 +145,9 @@ def test_rollout_killed_and_restarted(models, teacher, reference, tmp_path):
                          http_port=rollout.http_port)
         finish(proc, log)
         got = check_run(out, reference)
-        text = log.read_text()
-        # killed between pushes it re-pushes on return; killed during a push, that push waits and lands
-        assert ("lost the trainer's weights" in text or "pushing again" in text
-                or "answers again" in text), text[-3000:]
+        # the restarted rollout served the original student until the trainer pushed its weights again
+        # (a restore, or the interrupted push landing on return): samples from it would have changed
+        # the run, and check_run found the reference run's exact weights
         assert all(r["sample_version_min"] >= r["policy_version"] - 2 for r in got)
     finally:
         stop(rollout.proc)

@@ -50,6 +50,20 @@ class Proc(Endpoint):
     log: Path
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by this process and the given ones (Linux /proc; 0 for
+    each elsewhere or once gone). On 2 idle cores a pipeline whose phases run one after another takes
+    about this much wall-clock time: the number to compare across loaded and idle machines."""
+    total = time.process_time()
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

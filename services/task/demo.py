@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from services.common.launch import free_port, service
+from services.common.launch import cpu_seconds, free_port, service
 from services.task import arith
 from services.task.models import DEFAULT_PRESET, max_new_tokens_for, progress_bar
 from services.task.tasks import prepare_task, task_config
@@ -153,9 +153,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         detector_before = probe_detector(settings, probe)
         timing["detector_probe"] = time.perf_counter() - t0
         pids = [teacher_proc.proc.pid, rollout_proc.proc.pid]
-        t0, cpu0 = time.perf_counter(), _cpu_seconds(pids)
+        t0, cpu0 = time.perf_counter(), cpu_seconds(pids)
         result = train(settings)
-        timing["train"], train_cpu_s = time.perf_counter() - t0, _cpu_seconds(pids) - cpu0
+        timing["train"], train_cpu_s = time.perf_counter() - t0, cpu_seconds(pids) - cpu0
         t0 = time.perf_counter()
         after = evaluate(rollout, tokenizer, test, max_tokens, "continue_from", "student after, test", cfg.progress)
         timing["eval_student_after"] = time.perf_counter() - t0
@@ -196,23 +196,6 @@ def _demo_defaults(quick: bool) -> dict[str, Any]:
         return {**common, "prompts_per_step": 4, "samples_per_prompt": 2, "max_candidates": 8, "window": 8}
     return {**common, "prompts_per_step": 8, "samples_per_prompt": 4, "max_candidates": 32, "window": 16, "lr": 5e-4,
             "eval_every": 25}
-
-
-def _cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds used so far by this process and the given ones (the services; Linux /proc, else 0 for them).
-
-    On 2 idle cores the demo's pipeline (sample -> score -> train, one after the other) takes about
-    this much wall-clock time: the number to compare across loaded and idle machines."""
-    import os
-
-    total = time.process_time()
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-        except (OSError, IndexError, ValueError):
-            pass
-    return total
 
 
 def _convergence(before: float, after: float, teacher: float, curve: list[tuple[int, float]]) -> dict[str, Any]:
