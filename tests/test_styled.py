@@ -97,20 +97,6 @@ def test_teacher_and_student_prefer_different_forms():
         assert favourite != tw.index(max(tw)) and tw[favourite] == min(tw)
 
 
-def test_form_probability_by_hand():
-    style = Style.zipf(1.0)
-    canonical = arith.render_canonical(P)  # every factor at its first choice
-    h, o = 6 / 11, (12 / 25, 6 / 25, 4 / 25, 3 / 25)
-    # column 1 (0,6,9) has four distinct orders; columns 2 (3,3,3) and 3 (7,8,7) read the same both ways,
-    # so "top-down, carry last" is also "bottom-up, carry last": their weights add up.
-    want = h * (h * o[0] * h) * (h * (o[0] + o[1]) * h) * (h * (o[0] + o[1]) * h)
-    assert styled.form_probability(P, canonical, style) == pytest.approx(want)
-    assert styled.form_probability(P, canonical.replace("2305", "2306"), style) == 0.0
-    assert styled.form_probability(P, canonical, one_form(1, 0, 0, 0)) == 0.0
-    fixed = one_form(2, 1, 3, 2)
-    assert styled.form_probability(P, render_styled(P, fixed, random.Random(0)), fixed) == 1.0
-
-
 # ------------------------------------------------------------------ ground truth and the detector
 
 RESPONSES = [  # (response text, the cut where it becomes unrecoverable or None)

@@ -88,21 +88,6 @@ def render_styled(problem: Problem, style: Style, rng: random.Random) -> str:
     return "\n".join(lines + [ANSWER_PREFIX + problem.answer])
 
 
-def form_probability(problem: Problem, solution: str, style: Style) -> float:
-    """Probability that `render_styled` writes exactly `solution` (0 if it is not a correct solution).
-
-    Sums over the factor choices that give the same text (e.g. both term orders when the digits repeat)."""
-    lines = solution.split("\n")
-    cols = columns(problem)
-    if len(lines) != len(cols) + 2 or lines[-1] != ANSWER_PREFIX + problem.answer:
-        return 0.0
-    p = sum(w for h, w in zip(_HEADERS, style.headers) if h == lines[0])
-    for col, line in zip(cols, lines[1:-1]):
-        p *= sum(wl * wo * wp for li, wl in enumerate(style.labels) for oi, wo in enumerate(style.orders)
-                 for pi, wp in enumerate(style.phrases) if step_form(col, li, oi, pi) == line)
-    return p
-
-
 _LINE_RE = re.compile(r"(?:c(?P<i0>\d+):|col (?P<i1>\d+):|(?P<i2>\d+)\)) (?P<terms>\d+(?:\+\d+)*)"
                       r"(?:=(?P<s0>\d+), (?P<d0>\d+) c(?P<c0>\d+)|=(?P<s1>\d+) -> (?P<d1>\d+) carry (?P<c1>\d+)"
                       r"| is (?P<s2>\d+): (?P<d2>\d+) c(?P<c2>\d+))")
