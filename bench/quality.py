@@ -25,7 +25,8 @@ service generates for the step's prompts at temperature 1, the same P x n per st
 that generation). Wall-clock is the sum of the steps' times (no evaluation, no start-up); teacher tokens
 are the positions the teacher ran on: scored response tokens, plus TOPD's teacher windows (candidates x
 K), or SFT's generated tokens. Every finished run is cached in `--work` (result.json): an interrupted
-bench continues where it stopped. Writes the tables into docs/results.md between its markers.
+bench continues where it stopped, and processes that share it split the runs (each is computed once).
+Writes the tables into docs/results.md between its markers.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bench.common import machine_line, parser, quiet_libraries, set_threads
 
@@ -144,6 +145,33 @@ def planned_steps(budget: float, cost_per_step: float, steps: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------ runs
+def cached_result(out: Path, compute: Callable[[Path], dict[str, Any]],
+                  complete: Callable[[dict[str, Any]], bool] = lambda res: False) -> dict[str, Any]:
+    """out/result.json, computed once even when several bench processes share the run cache: the run's
+    lock is held while it is computed (or completed), so a process that waited reads the other's result.
+    `complete` adds what a cached result lacks and says whether it did."""
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cached = out / "result.json"
+    with open(out.parent / f"{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cached.exists():
+            res = json.loads(cached.read_text())
+            changed = complete(res)
+        else:
+            shutil.rmtree(out, ignore_errors=True)
+            res = compute(out)
+            complete(res)
+            changed = True
+        if changed:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(cached)
+    return res
+
+
 class Bench:
     """The services, the data and the run cache of one bench invocation."""
 
@@ -162,21 +190,21 @@ class Bench:
 
     def result(self, key: RunKey, with_val: bool = False) -> dict[str, Any]:
         """The run's result (cached in work/<name>/result.json), with its test (and val) accuracy."""
-        out = self.work / key.name
-        cached = out / "result.json"
-        if cached.exists():
-            res = json.loads(cached.read_text())
-        else:
-            shutil.rmtree(out, ignore_errors=True)
+        def compute(out: Path) -> dict[str, Any]:
             print(f"[{time.strftime('%H:%M:%S')}] {key.name}", flush=True)
             marks: list[float] = []
             res = self._sft(key, out, marks) if key.method == "sft" else self._on_policy(key, out, marks)
             res["cpu_s"] = steps_cpu_s(marks)
             res["test_acc"] = self._accuracy(Path(res["final"]), self.test)
-        if with_val and "val_acc" not in res:
-            res["val_acc"] = self._accuracy(Path(res["final"]), self.val)
-        cached.write_text(json.dumps(res, indent=1))
-        return res
+            return res
+
+        def complete(res: dict[str, Any]) -> bool:
+            if with_val and "val_acc" not in res:
+                res["val_acc"] = self._accuracy(Path(res["final"]), self.val)
+                return True
+            return False
+
+        return cached_result(self.work / key.name, compute, complete)
 
     def _accuracy(self, model_dir: Path, problems) -> float:
         from services.task.models import evaluate
@@ -298,7 +326,8 @@ def run_plan(bench: Bench, plan: Plan, only_steps: bool = False) -> dict[str, An
     """Sweep, seeds, budgets (module docstring); returns every result the report needs.
 
     Seeds are the outer loop of the later phases, so drift in the machine's load hits every method alike.
-    `only_steps` stops after the runs at `steps` (to fill the cache from several processes at once)."""
+    `only_steps` stops after the runs at `steps`. Several processes may share one cache (each run is
+    computed once, under its lock): give them the methods in different orders to split the work."""
     best_lr, sweep = {}, {}
     for method in plan.methods:
         grid = sorted(plan.lrs(method))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
@@ -116,3 +117,38 @@ def test_paired_table_compares_the_papers_pairs() -> None:
     # per-seed differences +10 and +20 points: mean +15, the bootstrap's 2.5% / 97.5% points are +10 / +20
     assert rows == ["| topd:full - opd:full | " + " | ".join(["+15.0 [+10.0, +20.0]"] * 3) + " |"]
     assert paired_table(out, ["opd:full", "sft"]) == []
+
+
+def test_cached_result_computes_each_run_once_across_processes(tmp_path) -> None:
+    """Two bench processes sharing a run cache: the second waits on the run's lock and reads the first's
+    result instead of training it again (threads with their own lock files stand in for the processes)."""
+    import threading
+    import time
+
+    from bench.quality import cached_result
+
+    calls: list[int] = []
+
+    def compute(out):
+        calls.append(1)
+        time.sleep(0.3)  # long enough that the other thread arrives while the run is in progress
+        return {"test_acc": 0.5, "n": len(calls)}
+
+    got: list[dict] = []
+    threads = [threading.Thread(target=lambda: got.append(cached_result(tmp_path / "run", compute)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1] and got == [{"test_acc": 0.5, "n": 1}] * 2
+    # a later reader adds what the cached result lacks, once
+    def add_val(res):
+        if "val_acc" in res:
+            return False
+        res["val_acc"] = 0.4
+        return True
+
+    res = cached_result(tmp_path / "run", compute, add_val)
+    assert res["val_acc"] == 0.4 and calls == [1]
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["val_acc"] == 0.4
