@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -109,9 +110,19 @@ def launch(kind: str, model: str | Path, logs: Path, *args: str, grpc_port: int 
     return Proc(grpc_port, http_port, proc, log)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise SystemExit(143) in this process (main thread, default handler only), so the
+    `finally` blocks that stop its services run: a terminated demo or bench leaves no orphan services."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def _exit(signum: int, frame: object) -> None:
+            raise SystemExit(128 + signum)
+        signal.signal(signal.SIGTERM, _exit)
+
+
 @contextmanager
 def service(kind: str, model: str | Path, tmp: Path, *args: str, env: dict | None = None):
-    """`launch(...)` until the block ends."""
+    """`launch(...)` until the block ends, SIGTERM of this process included (exit_on_sigterm)."""
+    exit_on_sigterm()
     proc = launch(kind, model, tmp, *args, env=env)
     try:
         yield proc
