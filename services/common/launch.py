@@ -51,14 +51,36 @@ class Proc(Endpoint):
     log: Path
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU seconds (user + system) used so far by this process and the given ones (Linux /proc; 0 for
-    each elsewhere or once gone). On 2 idle cores a pipeline whose phases run one after another takes
-    about this much wall-clock time: the number to compare across loaded and idle machines."""
-    total = time.process_time()
-    for pid in pids:
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/<pid>/stat after the command name (which may hold spaces and parentheses)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """Every live process below the given ones (Linux /proc; [] elsewhere): vLLM runs its engine core and
+    workers as child processes of the service, and their CPU time is the service's."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(_proc_stat(int(entry.name))[1]), []).append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    out, todo = [], list(pids)
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by this process, the given ones and their descendants
+    (Linux /proc; 0 for each elsewhere or once gone). On 2 idle cores a pipeline whose phases run one after
+    another takes about this much wall-clock time: the number to compare across loaded and idle machines."""
+    total = time.process_time()
+    for pid in {*pids, *descendants(pids)}:
+        try:
+            fields = _proc_stat(pid)
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
             pass
