@@ -129,7 +129,7 @@ def test_stalled_streams_cannot_take_the_threads_of_health_or_work(tiny_model):
         def silent():
             release.wait()
             return
-            yield  # noqa: unreachable - a request iterator that sends nothing until released
+            yield  # unreachable: a generator (request iterator) that sends nothing until released
 
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         stalled = [stub.ServerReflectionInfo(silent()) for _ in range(40)]
