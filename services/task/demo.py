@@ -254,7 +254,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"closed; served by {served})",
         "",
         f"Validation: best {r['eval_best']:.1%}, last {r['eval_last']:.1%}. Training: {r['timing_s']['train']:.0f} s "
-        f"({r['train_cpu_s']:.0f} CPU-seconds of trainer and services: about the wall-clock time on 2 idle cores).",
+        f"({r['train_cpu_s']:.0f} CPU-seconds of trainer and services: on idle cores the wall-clock is at most this; on busy ones "
+        f"threads waiting for a core add to it).",
         "",
         "| detector vs ground truth | before | after |",
         "|---|---|---|",
