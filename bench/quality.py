@@ -452,8 +452,9 @@ PAIRS = (("topd", "opd"), ("opd_suppress", "opd_suppress_control"), ("topd", "op
 def paired_table(out: dict[str, Any], methods: Sequence[str]) -> list[str]:
     """Differences in test accuracy between the paper's pairs (same estimator), paired by seed, for each
     comparison; empty when no pair is in the plan."""
-    by_objective = {m.split(":")[0]: m for m in methods if m != "sft"}
-    pairs = [(by_objective[a], by_objective[b]) for a, b in PAIRS if a in by_objective and b in by_objective]
+    present = {tuple(m.split(":")) for m in methods if m != "sft"}
+    estimators = dict.fromkeys(m.split(":")[1] for m in methods if m != "sft")  # in the plan's order
+    pairs = [(f"{a}:{e}", f"{b}:{e}") for e in estimators for a, b in PAIRS if (a, e) in present and (b, e) in present]
     if not pairs:
         return []
     lines = ["**paired differences** (test accuracy, points: mean [95% bootstrap interval], paired by seed)", "",

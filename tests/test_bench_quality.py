@@ -117,6 +117,11 @@ def test_paired_table_compares_the_papers_pairs() -> None:
     # per-seed differences +10 and +20 points: mean +15, the bootstrap's 2.5% / 97.5% points are +10 / +20
     assert rows == ["| topd:full - opd:full | " + " | ".join(["+15.0 [+10.0, +20.0]"] * 3) + " |"]
     assert paired_table(out, ["opd:full", "sft"]) == []
+    # several estimators: each pair within one estimator (topd:full is never compared with opd:sampled)
+    comparisons.update({"opd:sampled": runs([0.5, 0.5]), "topd:sampled": runs([0.6, 0.6])})
+    lines = paired_table(out, ["opd:sampled", "opd:full", "sft", "topd:sampled", "topd:full"])
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| topd")] == [
+        "| topd:sampled - opd:sampled", "| topd:full - opd:full"]
 
 
 def test_cached_result_computes_each_run_once_across_processes(tmp_path) -> None:
