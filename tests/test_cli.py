@@ -88,4 +88,3 @@ def test_teacher_subprocess_and_status_command(tiny_model, tmp_path, capsys):
         assert main(["status", proc.http, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["service"] == "teacher"
     assert main(["status", proc.http, "--timeout", "0.5"]) == 2  # gone: a clear error, not a traceback
-

@@ -75,8 +75,9 @@ def descendants(pids: list[int]) -> list[int]:
 
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds (user + system) used so far by this process, the given ones and their descendants
-    (Linux /proc; 0 for each elsewhere or once gone). On 2 idle cores a pipeline whose phases run one after
-    another takes about this much wall-clock time: the number to compare across loaded and idle machines."""
+    (Linux /proc; 0 for each elsewhere or once gone). On idle cores a pipeline whose phases run one after
+    another takes at most this much wall-clock time; single-threaded processes make it a load-independent
+    budget (the benches run so), multi-threaded ones waiting for a busy core inflate it."""
     total = time.process_time()
     for pid in {*pids, *descendants(pids)}:
         try:
