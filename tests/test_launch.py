@@ -6,10 +6,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from services.common.launch import cpu_seconds
+from services.common.launch import cpu_seconds, stop
 from tests.procs import ROOT
 
 
@@ -55,3 +56,30 @@ def test_a_terminated_parent_stops_the_services_it_started(tiny_model, tmp_path)
         time.sleep(0.2)
     else:
         pytest.fail(f"service {child} outlived its terminated parent")
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left to an init that does not reap counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_stop_ends_what_the_service_left_behind():
+    """A service that exits on SIGTERM while a child of its own runs on (vLLM's engine core when the rollout
+    is stopped during vLLM's start): stop() ends the child too, instead of leaving it to init."""
+    script = ("import signal, subprocess, sys, time\n"
+              "g = subprocess.Popen([sys.executable, '-c', 'import signal, time\\n"
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN)\\ntime.sleep(600)'])\n"
+              "print(g.pid, flush=True)\n"
+              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\ntime.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    grandchild = int(proc.stdout.readline())
+    try:
+        assert _alive(grandchild)
+        assert stop(proc, timeout=10) == 0  # the service itself exited cleanly on SIGTERM
+        assert not _alive(grandchild)  # and its child, which ignores SIGTERM, was killed
+    finally:
+        if _alive(grandchild):
+            os.kill(grandchild, signal.SIGKILL)

@@ -103,6 +103,9 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    """SIGTERM, SIGKILL after `timeout`; then the same for what the service left behind: vLLM's engine core
+    outlives a rollout terminated while vLLM was starting, holding its memory."""
+    left = descendants([proc.pid]) if proc.poll() is None else []
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -110,7 +113,32 @@ def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    _end(left, timeout=5.0)
     return proc.returncode
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _proc_stat(pid)[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _end(pids: list[int], timeout: float) -> None:
+    """SIGTERM the live ones, SIGKILL those still there after `timeout`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        live = [pid for pid in pids if _alive(pid)]
+        for pid in live:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + timeout
+        while live and time.monotonic() < deadline:
+            time.sleep(0.1)
+            live = [pid for pid in live if _alive(pid)]
+        if not live:
+            return
 
 
 def launch(kind: str, model: str | Path, logs: Path, *args: str, grpc_port: int | None = None,
